@@ -1,0 +1,1 @@
+"""raydistill: distributed knowledge distillation on Ray with a cached, refreshed soft-target store."""

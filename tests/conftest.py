@@ -1,0 +1,53 @@
+"""Shared fixtures: one local Ray per test session (on loopback), tiny real HF models on disk."""
+from __future__ import annotations
+
+import os
+import sys
+
+# Before Ray is imported anywhere: bind every Ray server to 127.0.0.1, no auth token, no telemetry.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray start for the whole session; more logical CPUs than cores so passes + training fit."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1",
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tokenizer, GPT-2 teacher/student and a Llama teacher, saved like hub checkpoints."""
+    root = tmp_path_factory.mktemp("models")
+    tok = tiny.make_tokenizer(str(root / "tokenizer"))
+    tiny.make_gpt2(str(root / "gpt2-teacher"), tok, n_layer=2, n_embd=32, seed=1)
+    tiny.make_gpt2(str(root / "gpt2-student"), tok, n_layer=1, n_embd=16, seed=2)
+    tiny.make_llama(str(root / "llama-teacher"), tok, n_layer=2, hidden=32, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return tiny.write_corpus(str(root / "corpus.parquet"), tiny.corpus_texts(200))

@@ -1,0 +1,80 @@
+"""Tiny real HF models and corpora built from config, offline, for tests (no hub access)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+WORDS = ("the cat dog sat on a mat and ran to house tree big small red blue green "
+         "one two three four five six seven eight nine ten fast slow up down left right").split()
+
+
+def corpus_texts(n_docs: int = 200, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-sentences with a learnable structure."""
+    g = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(n_docs):
+        n = int(torch.randint(8, 40, (1,), generator=g))
+        idx = torch.randint(0, len(WORDS), (n,), generator=g).tolist()
+        texts.append(" ".join(WORDS[i] for i in idx) + ".")
+    return texts
+
+
+def write_corpus(path: str, texts: list[str], fmt: str = "parquet", column: str = "text") -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if fmt == "parquet":
+        pq.write_table(pa.table({column: texts}), path)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps({column: t}) + "\n")
+    return path
+
+
+def make_tokenizer(out_dir: str, texts: list[str] | None = None, vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on `texts`, saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or corpus_texts()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def make_gpt2(out_dir: str, tokenizer, n_layer: int = 2, n_embd: int = 32, n_positions: int = 64, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=2,
+                     n_positions=n_positions, bos_token_id=tokenizer.eos_token_id,
+                     eos_token_id=tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return model
+
+
+def make_llama(out_dir: str, tokenizer, n_layer: int = 2, hidden: int = 32, max_pos: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=n_layer, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=max_pos, bos_token_id=tokenizer.eos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return model
