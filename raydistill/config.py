@@ -1,0 +1,480 @@
+"""Run configuration: typed keyword-only dataclasses, YAML as the stored form.
+
+Sections (every key optional except ``teacher.model``; see ``configs/default.yaml``):
+
+    run       name, output_dir, seed
+    data      path, text_column, seq_len, eval_fraction, max_rows
+    teacher   model, revision, dtype, replicas, cpus_per_replica, gpus_per_replica, batch_size,
+              trust_remote_code, allow_pickle_weights, resources
+    targets   format (sampled|topk), k, samples, capture_temperature, store, shard_rows, keep_versions
+    student   model | init_from_teacher, dtype
+    train     workers, use_gpu, cpus_per_worker, resources, epochs, max_steps, batch_size, grad_accum,
+              lr, weight_decay, warmup_steps, grad_clip, loss, jsd_beta, alpha, temperature,
+              temperature_schedule {kind, start, end}, checkpoint_every, max_failures, online, log_every
+    refresh   policy (none|round_robin|random), fraction, every_steps, source, max_replicas, seed
+
+``load_config(path, overrides, base)`` layers a base dict, a YAML file and ``key.sub=value``
+overrides, then ``Config.from_dict`` checks types, values and cross-field rules and raises one
+``ConfigError`` listing every problem (``key: what is wrong — how to fix``) before any Ray work.
+A ``Config`` built by hand is not checked until ``cfg.validate()``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import yaml
+
+from raydistill.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+TARGET_FORMATS = ("sampled", "topk")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+SCHEDULES = ("constant", "linear", "cosine")
+REFRESH_POLICIES = ("none", "round_robin", "random")
+REFRESH_SOURCES = ("teacher", "resample", "on_policy")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "distill"
+    output_dir: str = "runs/distill"
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str | None = None
+    text_column: str = "text"
+    seq_len: int = 128
+    eval_fraction: float = 0.05
+    max_rows: int | None = None
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    model: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    batch_size: int = 8
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {teacher_node: 1}
+
+
+@dataclass(kw_only=True)
+class TargetsConfig:
+    format: str = "sampled"
+    k: int = 32
+    samples: int = 50
+    capture_temperature: float = 1.0
+    store: str | None = None  # None: <run.output_dir>/targets
+    shard_rows: int = 256
+    keep_versions: int = 2
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    model: str | None = None
+    init_from_teacher: dict | None = None  # HF config overrides (n_layer, hidden_size, ...) + copy_layers
+    dtype: str = "float32"
+
+
+@dataclass(kw_only=True)
+class TemperatureSchedule:
+    kind: str = "constant"
+    start: float | None = None  # None: train.temperature
+    end: float | None = None  # None: train.temperature
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    workers: int = 2  # 0 runs the loop in-process (tests)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources: dict[str, float] = field(default_factory=dict)
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    loss: str = "forward_kl"
+    jsd_beta: float = 0.5
+    alpha: float = 0.5
+    temperature: float = 1.0
+    temperature_schedule: TemperatureSchedule = field(default_factory=TemperatureSchedule)
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    online: bool = False  # the teacher runs inside the step: the baseline mode
+    log_every: int = 10
+
+
+@dataclass(kw_only=True)
+class RefreshConfig:
+    policy: str = "none"
+    fraction: float = 0.0
+    every_steps: int = 50
+    source: str = "teacher"
+    max_replicas: int = 1  # cap on the refresh teacher pool
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+
+    @classmethod
+    def from_dict(cls, d: Any, *, check_paths: bool = True) -> "Config":
+        """Build and check a Config; raise one ConfigError with every problem found."""
+        return _parse(d, [], check_paths)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self, *, check_paths: bool = True) -> "Config":
+        """Check a Config built by hand; returns a checked copy or raises ConfigError."""
+        return Config.from_dict(self.to_dict(), check_paths=check_paths)
+
+    @property
+    def mode(self) -> str:
+        """`online` (teacher in the step), `cached` (no refresh) or `mixed` (cache + refresh)."""
+        if self.train.online:
+            return "online"
+        if self.refresh.policy == "none" or self.refresh.fraction == 0:
+            return "cached"
+        return "mixed"
+
+    @property
+    def store_uri(self) -> str:
+        return self.targets.store or f"{self.run.output_dir.rstrip('/')}/targets"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+def load_config(path: str | None = None, overrides: Sequence[str] = (),
+                base: dict | None = None) -> Config:
+    """`base` dict, then the YAML file at `path`, then `key.sub=value` overrides (YAML values)."""
+    if base is not None and not isinstance(base, Mapping):
+        raise ConfigError([f"config: base must be a mapping, got {_show(base)} — pass a dict of sections"])
+    data = _merge({}, base or {})
+    if path is not None:
+        data = _merge(data, _read_yaml(path))
+    if isinstance(overrides, str):  # a lone string would be iterated character by character
+        overrides = [overrides]
+    errors: list[str] = []
+    for item in overrides:
+        _apply_override(data, item, errors)
+    return _parse(data, errors, check_paths=True)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"config: cannot read {path!r} ({e}) — check the --config path"]) from None
+    try:
+        loaded = yaml.safe_load(text)
+    except Exception as e:  # YAMLError, or ValueError from e.g. an impossible date
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError([f"config: {path} is not valid YAML ({first}) — fix the syntax"]) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError([f"config: {path} holds {_show(loaded)}, not a mapping of sections — "
+                           f"start the file with section names such as `teacher:`"])
+    return loaded
+
+
+def _apply_override(data: dict, item: Any, errors: list[str]) -> None:
+    fix = "write overrides as key.sub=value, e.g. train.lr=3e-4"
+    if not isinstance(item, str) or "=" not in item:
+        errors.append(f"{_show(item)}: malformed override — {fix}")
+        return
+    key, _, raw = item.partition("=")
+    key, raw = key.strip(), raw.strip()
+    parts = key.split(".")
+    if not key or not all(p.strip() for p in parts):
+        errors.append(f"{_show(item)}: malformed override key {key!r} — {fix}")
+        return
+    if not raw:
+        errors.append(f"{key}: override has no value — give one, or {key}=null to unset it")
+        return
+    try:
+        value = yaml.safe_load(raw)
+    except Exception:
+        errors.append(f"{key}: cannot parse override value {_show(raw)} as YAML — quote it or fix it")
+        return
+    if _field_type(parts) in (str, str | None) and value is not None and not isinstance(value, str):
+        value = raw  # run.name=2024 means the string "2024"
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        elif not isinstance(nxt, dict):
+            errors.append(f"{key}: {'.'.join(parts[:i + 1])} is {_show(nxt)}, not a mapping — "
+                          f"override {'.'.join(parts[:i + 1])} itself instead")
+            return
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _field_type(parts: list[str]) -> Any:
+    tp: Any = Config
+    for p in parts:
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        tp = typing.get_type_hints(tp).get(p)
+    return tp
+
+
+def _merge(a: dict, b: Mapping) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = _merge({}, v) if isinstance(v, Mapping) else copy.deepcopy(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checking
+
+_BAD = object()
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+# dotted key -> (test, what is wrong, how to fix); the test sees a well-typed value, None passes.
+def _ge(n):
+    return (lambda v: v >= n), f"is below {n}"
+
+
+def _gt0():
+    return (lambda v: v > 0), "is not positive"
+
+
+def _in(lo, hi, lo_open=False, hi_open=False):
+    def test(v):
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return test, f"is outside {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+_NONEMPTY = (len, "is empty")
+_RULES: dict[str, tuple[Any, str, str]] = {
+    "run.name": (*_NONEMPTY, "give the run a name"),
+    "run.output_dir": (*_NONEMPTY, "use a local directory or a URI such as s3://bucket/runs/x"),
+    "data.text_column": (*_NONEMPTY, "name the column that holds the text"),
+    "data.seq_len": (*_ge(2), "use at least 2 tokens (each target describes the next token)"),
+    "data.eval_fraction": (*_in(0, 1, hi_open=True), "use e.g. 0.05 (0: no held-out eval)"),
+    "data.max_rows": (*_ge(1), "use a positive row count, or null for every row"),
+    "teacher.replicas": (*_ge(1), "use at least one teacher replica"),
+    "teacher.cpus_per_replica": (*_gt0(), "give each replica some CPU, e.g. 1 (0.5 is fine)"),
+    "teacher.gpus_per_replica": (*_ge(0), "use 0 for CPU replicas, or e.g. 1"),
+    "teacher.batch_size": (*_ge(1), "use a batch size of at least 1"),
+    "targets.k": (*_ge(1), "keep at least one top-k id, e.g. 32"),
+    "targets.samples": (*_in(1, 255), "counts are stored as uint8: use 1 to 255 draws (default 50)"),
+    "targets.capture_temperature": (*_gt0(), "use a temperature > 0, normally 1"),
+    "targets.shard_rows": (*_ge(1), "use at least 1 sequence per shard, e.g. 256"),
+    "targets.keep_versions": (*_ge(1), "keep at least the current version (2 lets running epochs finish)"),
+    "train.workers": (*_ge(0), "use the number of DDP workers, or 0 to train in-process"),
+    "train.cpus_per_worker": (*_gt0(), "give each worker some CPU, e.g. 1"),
+    "train.epochs": (*_ge(1), "train for at least 1 epoch"),
+    "train.max_steps": (*_ge(1), "use a positive step count, or null to run every epoch"),
+    "train.batch_size": (*_ge(1), "use a batch size of at least 1"),
+    "train.grad_accum": (*_ge(1), "use 1 for no accumulation"),
+    "train.lr": (*_gt0(), "use a learning rate > 0, e.g. train.lr=3e-4"),
+    "train.weight_decay": (*_ge(0), "use 0 for none, e.g. 0.01"),
+    "train.warmup_steps": (*_ge(0), "use 0 for no warmup"),
+    "train.grad_clip": (*_ge(0), "use a max grad norm such as 1.0 (0 turns clipping off)"),
+    "train.jsd_beta": (*_in(0, 1, True, True), "use a weight strictly between 0 and 1, e.g. 0.5"),
+    "train.alpha": (*_in(0, 1), "alpha weighs KD against cross-entropy: use 0 to 1"),
+    "train.temperature": (*_gt0(), "use a temperature > 0, e.g. 1 or 2"),
+    "train.temperature_schedule.start": (*_gt0(), "use a temperature > 0, or null for train.temperature"),
+    "train.temperature_schedule.end": (*_gt0(), "use a temperature > 0, or null for train.temperature"),
+    "train.checkpoint_every": (*_ge(1), "checkpoint every N >= 1 steps"),
+    "train.max_failures": (*_ge(-1), "use -1 to retry forever, 0 never, N for N retries"),
+    "train.log_every": (*_ge(1), "log every N >= 1 steps"),
+    "refresh.fraction": (*_in(0, 1), "use a fraction between 0 and 1"),
+    "refresh.every_steps": (*_ge(1), "refresh every N >= 1 student steps"),
+    "refresh.max_replicas": (*_ge(1), "allow at least one refresh teacher replica"),
+}
+_CHOICES = {
+    "teacher.dtype": DTYPES, "student.dtype": DTYPES, "targets.format": TARGET_FORMATS,
+    "train.loss": LOSSES, "train.temperature_schedule.kind": SCHEDULES,
+    "refresh.policy": REFRESH_POLICIES, "refresh.source": REFRESH_SOURCES,
+}
+_HUB_ID = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?")
+
+
+def _parse(d: Any, errors: list[str], check_paths: bool) -> Config:
+    if not isinstance(d, Mapping):
+        errors.append(f"config: expected a mapping of sections, got {_show(d)} — "
+                      f"use sections such as teacher: {{model: gpt2}}")
+        raise ConfigError(errors)
+    cfg = _build(Config, d, "", errors)
+    errors.extend(_problems(cfg, check_paths))
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+    """Instance of dataclass `cls` from `data`; a bad entry is reported and left at its default."""
+    if not isinstance(data, Mapping):
+        errors.append(f"{prefix}: expected a mapping, got {_show(data)} — write `{prefix}:` "
+                      f"followed by indented `key: value` lines")
+        return cls()
+    hints, defaults = typing.get_type_hints(cls), cls()
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in hints:
+            errors.append(_unknown(key, name, list(hints), prefix))
+            continue
+        value = _check(value, hints[name], key, errors, getattr(defaults, name))
+        if value is not _BAD:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check(value: Any, tp: Any, key: str, errors: list[str], default: Any = None) -> Any:
+    """`value` converted to type `tp`, or _BAD after reporting why it is not."""
+    args = typing.get_args(tp)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, errors)
+    origin = typing.get_origin(tp) or tp
+    if origin is dict:
+        return _check_mapping(value, typing.get_args(tp), key, errors)
+    ok = isinstance(value, origin) and not (origin in (int, float) and isinstance(value, bool))
+    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value, ok = float(value), math.isfinite(float(value))
+        except OverflowError:
+            ok = False
+    if not ok:
+        example = default if isinstance(default, origin) else {int: 8, float: 0.5, str: "name"}[origin]
+        example = yaml.safe_dump(example, default_flow_style=True).splitlines()[0]
+        errors.append(f"{key}: expected {_TYPE_WORDS[origin]}, got {_show(value)} "
+                      f"({type(value).__name__}) — e.g. {key}={example}")
+        return _BAD
+    return value
+
+
+def _check_mapping(value: Any, args: tuple, key: str, errors: list[str]) -> Any:
+    if not isinstance(value, Mapping):
+        errors.append(f"{key}: expected a mapping, got {_show(value)} ({type(value).__name__}) — "
+                      f"e.g. {key}: {{name: 1}}")
+        return _BAD
+    out, n = {}, len(errors)
+    for k, v in value.items():
+        if not isinstance(k, str):
+            errors.append(f"{key}: key {_show(k)} is not a string — quote it")
+            continue
+        if args:  # dict[str, float]: Ray resource amounts
+            v = _check(v, args[1], f"{key}.{k}", errors)
+            if v is not _BAD and not v >= 0:
+                errors.append(f"{key}.{k}: {_show(v)} is negative — resource amounts must be >= 0")
+        out[k] = copy.deepcopy(v)
+    return out if len(errors) == n else _BAD
+
+
+def _problems(cfg: Config, check_paths: bool) -> list[str]:
+    """Value and cross-field problems of a well-typed Config."""
+    out = []
+    for key, (test, what, fix) in _RULES.items():
+        v = _get(cfg, key)
+        if v is not None and not test(v):
+            out.append(f"{key}: {_show(v)} {what} — {fix}")
+    for key, choices in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            near = difflib.get_close_matches(v, choices, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            out.append(f"{key}: {_show(v)} is not one of {', '.join(choices)} — {hint}"
+                       f"e.g. {key}={choices[0]}")
+    t, s, tr, r = cfg.teacher, cfg.student, cfg.train, cfg.refresh
+    if t.model is None:
+        out.append("teacher.model: missing — set it to a local model directory or a Hugging Face hub id")
+    models = [("teacher.model", t.model), ("student.model", s.model)]
+    out += [p for key, m in models if m is not None and check_paths and (p := _model_problem(key, m))]
+    if (s.model is None) == (s.init_from_teacher is None):
+        state = "both {} and {} are set" if s.model is not None else "neither {} nor {} is set"
+        out.append(f"student: {state.format('student.model', 'student.init_from_teacher')} — set exactly "
+                   f"one: a model directory / hub id, or e.g. student.init_from_teacher: {{n_layer: 2}}")
+    copy_layers = (s.init_from_teacher or {}).get("copy_layers", False)
+    if not isinstance(copy_layers, bool):
+        out.append(f"student.init_from_teacher.copy_layers: expected true or false, got {_show(copy_layers)} "
+                   f"— e.g. student.init_from_teacher.copy_layers=true")
+    if tr.loss in ("reverse_kl", "jsd", "tvd") and cfg.targets.format == "sampled" and not tr.online:
+        out.append(f"train.loss: {tr.loss} needs targets.format=topk (sampled targets have no tail bucket "
+                   f"for the mass outside the draws) — set targets.format=topk, "
+                   f"train.loss=forward_kl, or train.online=true")
+    if 0 <= r.fraction <= 1 and r.policy in REFRESH_POLICIES:
+        if r.policy != "none" and r.fraction == 0:
+            out.append(f"refresh.fraction: 0 with refresh.policy={r.policy} refreshes nothing — set "
+                       f"refresh.fraction in (0, 1], or refresh.policy=none")
+        if r.policy == "none" and r.fraction > 0:
+            out.append(f"refresh.policy: none while refresh.fraction={r.fraction} — set "
+                       f"refresh.policy=round_robin (bounded age) or random, or refresh.fraction=0")
+    return out
+
+
+def _model_problem(key: str, value: str) -> str | None:
+    path = os.path.expanduser(value)
+    if value and os.path.isdir(path):
+        return None
+    if value.startswith(("/", ".", "~")) or (value and os.path.exists(path)):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        return (f"{key}: local path {value!r} {what} — point it at a directory with config.json and "
+                f"weights, or use a Hugging Face hub id such as 'gpt2'")
+    if _HUB_ID.fullmatch(value):
+        return None  # a hub id: downloaded when the model is loaded
+    return (f"{key}: {_show(value)} is neither an existing directory nor a hub id — use a local model "
+            f"directory or a hub id such as 'org/name'")
+
+
+def _unknown(key: str, name: Any, known: list[str], prefix: str) -> str:
+    near = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    where = f"of {prefix}" if prefix else "(sections)"
+    return f"{key}: unknown key — {hint}known keys {where}: {', '.join(known)}"
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for p in dotted.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def _show(v: Any) -> str:
+    text = "null" if v is None else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."

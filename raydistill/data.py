@@ -1,0 +1,266 @@
+"""Corpus → tokenized, packed sequences → the store's input shards.
+
+    data.path (file, directory or glob; local or s3://, gs://, ...; Parquet or JSONL)
+      └─ Ray Data read → map_batches(tokenize + pack, per worker) → ordered stream
+           └─ driver: seq_id = position in the stream; eval split by a hash of seq_id;
+              every `targets.shard_rows` train sequences → inputs/train/<shard>.parquet
+
+Packing joins the documents of one batch with EOS and cuts `seq_len` windows; the leftover
+(< seq_len tokens per batch of documents) is dropped. The stream keeps its order, so the same
+corpus, tokenizer and seq_len always give the same seq_ids and shards: a re-run finds the inputs
+already recorded and skips this phase. Only one shard's rows are held in memory at a time.
+
+Rows whose text is empty, not a string or not valid UTF-8 are skipped and counted (`skipped_rows`).
+"""
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigError, StoreError
+
+DOCS_PER_BATCH = 256
+PARQUET_EXT = (".parquet", ".pq")
+JSON_EXT = (".jsonl", ".json", ".ndjson")
+
+
+# ---------------------------------------------------------------- corpus files (driver, pre-Ray)
+
+def _filesystem(path: str):
+    """(fsspec filesystem or None for local, path without protocol)."""
+    if "://" not in path:
+        return None, os.path.expanduser(path)
+    import fsspec
+
+    fs, stripped = fsspec.core.url_to_fs(path)
+    return fs, stripped
+
+
+def resolve_corpus(data_cfg) -> tuple[object, list[str], str]:
+    """The corpus files and their format, or a ConfigError naming data.path and the fix."""
+    path = data_cfg.path
+    if not path:
+        raise ConfigError(["data.path: missing — set it to a Parquet/JSONL file, directory or glob"])
+    fs, p = _filesystem(path)
+    if fs is None:
+        if any(c in p for c in "*?["):
+            files = sorted(globlib.glob(p, recursive=True))
+        elif os.path.isdir(p):
+            files = sorted(os.path.join(r, f) for r, _, fs_ in os.walk(p) for f in fs_)
+        elif os.path.isfile(p):
+            files = [p]
+        else:
+            raise ConfigError([f"data.path: {path} does not exist — check the path"])
+    else:
+        if any(c in p for c in "*?["):
+            files = sorted(fs.glob(p))
+        elif fs.isdir(p):
+            files = sorted(f for f in fs.find(p))
+        elif fs.exists(p):
+            files = [p]
+        else:
+            raise ConfigError([f"data.path: {path} does not exist — check the URI and credentials"])
+    files = [f for f in files if f.lower().endswith(PARQUET_EXT + JSON_EXT)
+             and not os.path.basename(f).startswith((".", "_"))]
+    if not files:
+        raise ConfigError([f"data.path: no .parquet or .jsonl files at {path} — point it at the corpus"])
+    kinds = {"parquet" if f.lower().endswith(PARQUET_EXT) else "json" for f in files}
+    if len(kinds) > 1:
+        raise ConfigError([f"data.path: {path} mixes Parquet and JSONL files — use one format"])
+    fmt = kinds.pop()
+    _check_text_column(fs, files[0], fmt, data_cfg.text_column, path)
+    return fs, files, fmt
+
+
+def _check_text_column(fs, first: str, fmt: str, column: str, path: str) -> None:
+    opener = fs.open if fs is not None else open
+    if fmt == "parquet":
+        with opener(first, "rb") as f:
+            try:
+                names = pq.read_schema(f).names
+            except pa.ArrowInvalid as e:
+                raise ConfigError([f"data.path: {first} is not a readable Parquet file ({e})"]) from None
+    else:
+        with opener(first, "rb") as f:
+            line = f.readline()
+        if not line.strip():
+            raise ConfigError([f"data.path: {first} is empty — the corpus needs at least one row"])
+        try:
+            names = list(json.loads(line))
+        except (ValueError, TypeError):
+            raise ConfigError([f"data.path: the first line of {first} is not a JSON object"]) from None
+    if column not in names:
+        raise ConfigError([f"data.text_column: column {column!r} is not in {first} (columns: "
+                           f"{', '.join(names[:10])}) — set data.text_column to the text column"])
+
+
+def corpus_fingerprint(fs, files: list[str], data_cfg, tokenizer_hash: str) -> str:
+    """Changes when the corpus files, the packing or the tokenizer change."""
+    h = hashlib.sha256()
+    for f in files:
+        info = fs.info(f) if fs is not None else os.stat(f)
+        size = info["size"] if isinstance(info, dict) else info.st_size
+        h.update(f"{f}:{size}".encode())
+    h.update(f"{data_cfg.text_column}:{data_cfg.seq_len}:{data_cfg.max_rows}:{tokenizer_hash}".encode())
+    return f"sha256:{h.hexdigest()[:32]}"
+
+
+# ---------------------------------------------------------------- Ray Data stages (workers)
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(path: str, trust_remote_code: bool):
+    """One tokenizer per worker process: workers are reused across tasks."""
+    key = (path, trust_remote_code)
+    if key not in _TOKENIZERS:
+        from .models import load_tokenizer
+
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        tok.model_max_length = 1 << 30  # packing, not truncation, bounds lengths
+        _TOKENIZERS[key] = tok
+    return _TOKENIZERS[key]
+
+
+def _clean_texts(values) -> tuple[list[str], int]:
+    texts, skipped = [], 0
+    for v in values:
+        if isinstance(v, (bytes, bytearray)):
+            try:
+                v = bytes(v).decode("utf-8")
+            except UnicodeDecodeError:
+                skipped += 1
+                continue
+        if not isinstance(v, str) or not v.strip():
+            skipped += 1
+            continue
+        texts.append(v)
+    return texts, skipped
+
+
+def tokenize_and_pack(batch: dict, *, tokenizer_path: str, trust_remote_code: bool, text_column: str,
+                      seq_len: int, eos_id: int) -> dict:
+    """One batch of documents → fixed-length sequences. The first row carries the batch's counts."""
+    texts, skipped = _clean_texts(batch[text_column])
+    ids: list[int] = []
+    if texts:
+        for doc in _tokenizer(tokenizer_path, trust_remote_code)(texts, add_special_tokens=False)["input_ids"]:
+            ids.extend(doc)
+            ids.append(eos_id)
+    n = len(ids) // seq_len
+    seqs = np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+    valid = np.ones(len(seqs), dtype=bool)
+    if n == 0:  # keep the counts even when the batch yields no full sequence
+        seqs = np.zeros((1, seq_len), dtype=np.int64)
+        valid = np.zeros(1, dtype=bool)
+    docs = np.zeros(len(seqs), dtype=np.int64)
+    skip = np.zeros(len(seqs), dtype=np.int64)
+    docs[0], skip[0] = len(texts), skipped
+    return {"input_ids": seqs, "valid": valid, "docs": docs, "skipped": skip}
+
+
+def sequences_dataset(cfg, fs, files: list[str], fmt: str, tokenizer_path: str, eos_id: int):
+    """The streaming Ray Data pipeline: read → tokenize + pack (order preserved)."""
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    filesystem = PyFileSystem(FSSpecHandler(fs)) if fs is not None else None
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(files, filesystem=filesystem).select_columns([cfg.data.text_column])
+    else:
+        ds = ray.data.read_json(files, filesystem=filesystem, lines=True)
+    if cfg.data.max_rows:
+        ds = ds.limit(cfg.data.max_rows)
+    return ds.map_batches(
+        tokenize_and_pack, batch_size=DOCS_PER_BATCH, batch_format="numpy", num_cpus=0.5,
+        fn_kwargs=dict(tokenizer_path=os.path.expanduser(cfg.teacher.model),
+                       trust_remote_code=cfg.teacher.trust_remote_code,
+                       text_column=cfg.data.text_column, seq_len=cfg.data.seq_len, eos_id=eos_id))
+
+
+# ---------------------------------------------------------------- driver: shards of inputs
+
+def is_eval(seq_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Deterministic split by a 64-bit mix of seq_id (independent of batch and shard boundaries)."""
+    x = seq_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def inputs_table(seq_ids: np.ndarray, input_ids: np.ndarray, vocab_size: int) -> pa.Table:
+    from .targets import id_type
+
+    ids_type = id_type(vocab_size)
+    flat = pa.array(input_ids.reshape(-1), type=ids_type)
+    offsets = pa.array(np.arange(0, input_ids.size + 1, input_ids.shape[1], dtype=np.int32))
+    return pa.table({"seq_id": pa.array(seq_ids, type=pa.int64()),
+                     "input_ids": pa.ListArray.from_arrays(offsets, flat)})
+
+
+def build_inputs(cfg, store, info) -> dict:
+    """Write the train shards and eval file of inputs once; a re-run with the same corpus skips."""
+    fs, files, fmt = resolve_corpus(cfg.data)
+    fingerprint = corpus_fingerprint(fs, files, cfg.data, info.tokenizer["hash"])
+    if store.has_inputs():
+        recorded = store.manifest()["inputs"]["info"]
+        if recorded.get("fingerprint") != fingerprint:
+            raise StoreError(
+                f"targets.store: {store.uri} was built from another corpus or packing "
+                f"({recorded.get('data_path')}, seq_len {recorded.get('seq_len')}) than this run "
+                f"({cfg.data.path}, seq_len {cfg.data.seq_len}) — use another targets.store or delete it")
+        return dict(recorded, skipped=True)
+
+    eos = info.eos_token_id if info.eos_token_id is not None else 0
+    ds = sequences_dataset(cfg, fs, files, fmt, cfg.teacher.model, eos)
+    shard_rows, vocab = cfg.targets.shard_rows, info.vocab_size
+    shards: dict[str, dict] = {}
+    pending: list[np.ndarray] = []
+    eval_parts: list[np.ndarray] = []
+    counts = {"docs": 0, "skipped_rows": 0, "train_rows": 0, "eval_rows": 0}
+    next_id = 0
+
+    def flush(rows: np.ndarray) -> None:
+        sid = f"{len(shards):05d}"
+        table = inputs_table(rows[:, 0], rows[:, 1:], vocab)
+        shards[sid] = {"input": store.write_file(f"inputs/train/{sid}.parquet", table)["path"],
+                       "rows": table.num_rows}
+
+    buffered = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        counts["docs"] += int(batch["docs"].sum())
+        counts["skipped_rows"] += int(batch["skipped"].sum())
+        seqs = batch["input_ids"][batch["valid"]]
+        ids = np.arange(next_id, next_id + len(seqs), dtype=np.int64)
+        next_id += len(seqs)
+        held_out = is_eval(ids, cfg.data.eval_fraction)
+        eval_parts.append(np.column_stack([ids[held_out], seqs[held_out]]))
+        train = np.column_stack([ids[~held_out], seqs[~held_out]])
+        pending.append(train)
+        buffered += len(train)
+        while buffered >= shard_rows:
+            rows = np.concatenate(pending)
+            flush(rows[:shard_rows])
+            pending, buffered = [rows[shard_rows:]], len(rows) - shard_rows
+        counts["train_rows"] += len(train)
+    if buffered:
+        flush(np.concatenate(pending))
+    if counts["train_rows"] == 0:
+        raise ConfigError([f"data.path: {cfg.data.path} yields no training sequence of {cfg.data.seq_len} "
+                           f"tokens ({counts['docs']} usable rows, {counts['skipped_rows']} skipped as "
+                           "empty or not UTF-8) — add text or lower data.seq_len"])
+    evals = np.concatenate(eval_parts) if eval_parts else np.zeros((0, cfg.data.seq_len + 1), np.int64)
+    counts["eval_rows"] = len(evals)
+    eval_path = store.write_file("inputs/eval.parquet", inputs_table(evals[:, 0], evals[:, 1:], vocab))["path"]
+    recorded = dict(counts, fingerprint=fingerprint, data_path=cfg.data.path, seq_len=cfg.data.seq_len,
+                    shards=len(shards), files=len(files))
+    store.record_inputs(shards, eval_path, recorded)
+    return dict(recorded, skipped=False)

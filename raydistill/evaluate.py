@@ -1,0 +1,131 @@
+"""Held-out evaluation of a causal-LM student against its teacher.
+
+Positions follow the package convention: a sequence of `L` tokens has `T = L - 1` predicted
+positions, position `j` predicts `input_ids[j + 1]`, and the logits used are `logits[:, :-1, :]`.
+
+Figures (all token-weighted means over every position of every sequence, in nats):
+
+- `ce`: cross-entropy of the model against the actual next token; `perplexity = exp(ce)`;
+- `kl_teacher_student`: KL(p_teacher ‖ q_student) over the full vocabulary (forward KD's target);
+- `top1_agreement`: share of positions where the student's argmax equals the teacher's.
+
+The eval inputs live in a Parquet file with an `input_ids` list column (uint16 / uint32, one
+packed sequence of length `L` per row): `eval_input_ids` turns such a table into a tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+__all__ = ["evaluate", "eval_input_ids"]
+
+
+def eval_input_ids(table: pa.Table, max_rows: int | None = None) -> torch.LongTensor:
+    """The `input_ids` list column of `table` as a `[N, L]` int64 tensor (first `max_rows` rows).
+
+    Every row must be a non-null list of the same length `L`; raises `ValueError` otherwise.
+    """
+    if "input_ids" not in table.column_names:
+        raise ValueError(f"eval table has no 'input_ids' column (columns: {table.column_names}) — "
+                         "pass the eval file written by the data phase")
+    col = table.column("input_ids")
+    if max_rows is not None:
+        col = col.slice(0, max(0, int(max_rows)))
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if n == 0:
+        return torch.empty((0, 0), dtype=torch.long)
+    if arr.null_count:
+        raise ValueError(f"eval 'input_ids' has {arr.null_count} null row(s) — rewrite the eval file")
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    seq_len = int(lengths[0])
+    if not (lengths == seq_len).all():
+        raise ValueError(f"eval 'input_ids' rows have different lengths ({int(lengths.min())}.."
+                         f"{int(lengths.max())}); packed sequences of one length are expected")
+    # flatten() honours slice offsets, so a sliced column yields exactly its own values.
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    ids = np.asarray(values, dtype=np.int64).reshape(n, seq_len)
+    return torch.from_numpy(ids)
+
+
+def _perplexity(ce: float) -> float:
+    return math.exp(ce) if ce < 700 else float("inf")
+
+
+def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax of the logits that predict `batch[:, 1:]`: `[B, T, V]`."""
+    logits = model(input_ids=batch).logits[:, :-1, :]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int = 8,
+             device: str | torch.device = "cpu") -> dict:
+    """Evaluate `student` and `teacher` (loaded HF causal LMs; either may be None) on `input_ids`.
+
+    input_ids: `[N, L]` int64, `L >= 2`. Models are moved to `device` and put in eval mode
+    for the call (their previous train/eval mode is restored afterwards).
+
+    Returns (a part is left out when its model is None; KL and agreement need both models):
+
+        {"student": {"ce", "kl_teacher_student", "top1_agreement", "perplexity"},
+         "teacher": {"ce", "perplexity"},
+         "tokens": N * (L - 1)}
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [N, L] with N >= 1 and L >= 2, got {tuple(input_ids.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    input_ids = input_ids.long()
+    models = {"student": student, "teacher": teacher}
+    was_training = {k: m.training for k, m in models.items() if m is not None}
+    for m in models.values():
+        if m is not None:
+            m.to(device).eval()
+
+    # Sums in float64 so the token-weighted means do not depend on the batching.
+    sums = {"s_ce": 0.0, "t_ce": 0.0, "kl": 0.0, "agree": 0.0}
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start:start + batch_size].to(device)
+                labels = batch[:, 1:]
+                tokens += labels.numel()
+                s_lp = _log_probs(student, batch) if student is not None else None
+                t_lp = _log_probs(teacher, batch) if teacher is not None else None
+                if s_lp is not None:
+                    sums["s_ce"] += -s_lp.gather(-1, labels.unsqueeze(-1)).double().sum().item()
+                if t_lp is not None:
+                    sums["t_ce"] += -t_lp.gather(-1, labels.unsqueeze(-1)).double().sum().item()
+                if s_lp is not None and t_lp is not None:
+                    if s_lp.shape[-1] != t_lp.shape[-1]:
+                        raise ValueError(
+                            f"student and teacher logits have different vocabulary sizes "
+                            f"({s_lp.shape[-1]} vs {t_lp.shape[-1]}); KL needs one shared vocabulary")
+                    # KL(p_t ‖ q_s) = Σ p_t (log p_t − log q_s); 0·log 0 terms are 0 (xlogy convention).
+                    kl = F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1)
+                    sums["kl"] += kl.double().sum().item()
+                    sums["agree"] += (s_lp.argmax(-1) == t_lp.argmax(-1)).sum().item()
+    finally:
+        for k, m in models.items():
+            if m is not None:
+                m.train(was_training[k])
+
+    out: dict = {}
+    if student is not None:
+        ce = sums["s_ce"] / tokens
+        out["student"] = {"ce": ce}
+        if teacher is not None:
+            out["student"]["kl_teacher_student"] = sums["kl"] / tokens
+            out["student"]["top1_agreement"] = sums["agree"] / tokens
+        out["student"]["perplexity"] = _perplexity(ce)
+    if teacher is not None:
+        ce = sums["t_ce"] / tokens
+        out["teacher"] = {"ce": ce, "perplexity": _perplexity(ce)}
+    out["tokens"] = tokens
+    return out

@@ -1,0 +1,250 @@
+"""Loading Hugging Face models and tokenizers safely, and checking a teacher/student pair.
+
+Security defaults: weights load from safetensors only (a directory holding only pickle weights
+is refused unless `allow_pickle_weights`, and then with `weights_only=True`), and
+`trust_remote_code` stays off unless the config sets it.
+
+Everything here runs on the driver before any Ray work (`preflight`) or inside one worker.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def is_local(name_or_path: str) -> bool:
+    return os.path.isdir(os.path.expanduser(name_or_path))
+
+
+def _weight_files(path: str) -> tuple[list[str], list[str]]:
+    safe = glob.glob(os.path.join(path, "*.safetensors"))
+    pickled = [f for p in _PICKLE_PATTERNS for f in glob.glob(os.path.join(path, p))
+               if not f.endswith("training_args.bin")]
+    return safe, pickled
+
+
+def check_weights(name_or_path: str, *, allow_pickle_weights: bool, key: str) -> None:
+    """Refuse a local model directory whose weights exist only as pickle files."""
+    if not is_local(name_or_path):
+        return
+    path = os.path.expanduser(name_or_path)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelError(f"{key}: {path} has no config.json — point {key} at a directory written by "
+                         "save_pretrained (or a Hugging Face hub id)")
+    safe, pickled = _weight_files(path)
+    if not safe and pickled and not allow_pickle_weights:
+        raise ModelError(
+            f"{key}: {path} holds only pickle weights ({os.path.basename(pickled[0])}), which can run "
+            f"arbitrary code when loaded — convert them to safetensors (model.save_pretrained(dir, "
+            f"safe_serialization=True)), or set {key.rsplit('.', 1)[0]}.allow_pickle_weights=true "
+            "if you trust the file (loaded with weights_only=True)")
+    if not safe and not pickled:
+        raise ModelError(f"{key}: {path} has a config.json but no weight files (*.safetensors) — "
+                         "is the download or save incomplete?")
+
+
+def load_config(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None,
+                key: str = "teacher.model"):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name_or_path), revision=revision,
+                                          trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(
+                f"{key}: {name_or_path} needs custom code from its repository (trust_remote_code). "
+                f"Read that code, then set {key.rsplit('.', 1)[0]}.trust_remote_code=true to allow it"
+            ) from None
+        raise ModelError(f"{key}: cannot read the model config of {name_or_path}: {e}") from None
+    except OSError as e:
+        raise ModelError(f"{key}: cannot load {name_or_path} ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0]}) — check the path or hub id, and network access "
+                         "for hub ids") from None
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None,
+                   key: str = "teacher.model"):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{key}: cannot load the tokenizer of {name_or_path}: "
+                         f"{str(e).splitlines()[0]} — save the tokenizer beside the model "
+                         "(tokenizer.save_pretrained(dir))") from None
+    return tok
+
+
+def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                   allow_pickle_weights: bool = False, revision: str | None = None,
+                   device_map=None, key: str = "teacher.model"):
+    """Any causal LM that AutoModelForCausalLM loads, safely, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    check_weights(name_or_path, allow_pickle_weights=allow_pickle_weights, key=key)
+    kwargs = dict(dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code)
+    if allow_pickle_weights:
+        kwargs["weights_only"] = True  # torch.load refuses arbitrary objects even when pickle is allowed
+    else:
+        kwargs["use_safetensors"] = True
+    if device_map is not None:
+        kwargs["device_map"] = device_map  # accelerate spreads a big teacher over several GPUs
+    try:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{key}: cannot load {name_or_path} as a causal LM: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def tokenizer_fingerprint(tokenizer, name: str) -> dict:
+    """Vocabulary size and a hash of the token→id map: two models share logits only if these match."""
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+    return {"name": name, "vocab_size": len(vocab), "hash": f"sha256:{digest[:32]}"}
+
+
+def model_revision(name_or_path: str, revision: str | None = None) -> str:
+    """A teacher revision id: changes when the weights at the path change (a new checkpoint)."""
+    if not is_local(name_or_path):
+        return f"hub:{name_or_path}@{revision or 'main'}"
+    path = os.path.expanduser(name_or_path)
+    h = hashlib.sha256()
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        h.update(f.read())
+    safe, pickled = _weight_files(path)
+    for f in sorted(safe + pickled):
+        st = os.stat(f)  # size + mtime: hashing 100+ GB of weights per run would cost minutes
+        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"local:{h.hexdigest()[:16]}"
+
+
+def max_positions(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def student_config(teacher_config, overrides: dict):
+    """The teacher's config with fewer layers / a smaller width (student.init_from_teacher)."""
+    cfg = teacher_config.__class__.from_dict(teacher_config.to_dict())
+    for k, v in overrides.items():
+        if k == "copy_layers":
+            continue
+        if not hasattr(cfg, k):
+            raise ModelError(f"student.init_from_teacher.{k}: {type(cfg).__name__} has no such field — "
+                             "use a field of the teacher's config.json (e.g. n_layer, num_hidden_layers)")
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_student(student_cfg, teacher_path: str, *, trust_remote_code: bool = False, seed: int = 0):
+    """The student model: a pretrained path, or a smaller copy of the teacher's architecture."""
+    from transformers import AutoModelForCausalLM
+
+    if student_cfg.model:
+        return load_causal_lm(student_cfg.model, dtype="float32", key="student.model")
+    teacher_config = load_config(teacher_path, trust_remote_code=trust_remote_code)
+    overrides = dict(student_cfg.init_from_teacher or {})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(student_config(teacher_config, overrides),
+                                             trust_remote_code=trust_remote_code)
+    if overrides.get("copy_layers"):
+        teacher = load_causal_lm(teacher_path, trust_remote_code=trust_remote_code)
+        copy_teacher_layers(teacher, model)
+    return model
+
+
+def copy_teacher_layers(teacher, student) -> int:
+    """Initialise the student from evenly spaced teacher layers (every other one for half depth).
+
+    Copies every parameter whose name and shape match after mapping student layer i to teacher
+    layer round(i * n_teacher / n_student); returns how many tensors were copied."""
+    t_state = teacher.state_dict()
+    n_t = _n_layers(teacher.config)
+    n_s = _n_layers(student.config)
+    layer = re.compile(r"\.(\d+)\.")
+    copied = 0
+    with torch.no_grad():
+        for name, param in student.state_dict().items():
+            src = name
+            m = layer.search(name)
+            if m and n_t and n_s:
+                src = name[:m.start()] + f".{round(int(m.group(1)) * n_t / n_s)}." + name[m.end():]
+            if src in t_state and t_state[src].shape == param.shape:
+                param.copy_(t_state[src])
+                copied += 1
+    return copied
+
+
+def _n_layers(config) -> int | None:
+    for attr in ("num_hidden_layers", "n_layer"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    return None
+
+
+@dataclass
+class ModelInfo:
+    """What preflight learned; travels to Ray workers (plain data)."""
+    tokenizer: dict
+    vocab_size: int
+    teacher_rev: str
+    max_positions: int | None
+    eos_token_id: int | None
+
+
+def preflight(cfg) -> ModelInfo:
+    """Check teacher, student and the targets against each other before any cluster work."""
+    t = cfg.teacher
+    check_weights(t.model, allow_pickle_weights=t.allow_pickle_weights, key="teacher.model")
+    t_conf = load_config(t.model, trust_remote_code=t.trust_remote_code, revision=t.revision)
+    tok = load_tokenizer(t.model, trust_remote_code=t.trust_remote_code, revision=t.revision)
+    vocab_size = int(t_conf.vocab_size)
+    problems = []
+    n_pos = max_positions(t_conf)
+    if n_pos is not None and cfg.data.seq_len > n_pos:
+        problems.append(f"data.seq_len: {cfg.data.seq_len} exceeds the teacher's maximum of {n_pos} "
+                        f"positions ({t.model}) — use data.seq_len<={n_pos}")
+    if cfg.targets.format == "topk" and cfg.targets.k > vocab_size:
+        problems.append(f"targets.k: {cfg.targets.k} is larger than the vocabulary ({vocab_size}) of "
+                        f"{t.model} — use targets.k<={vocab_size}")
+    fp = tokenizer_fingerprint(tok, t.model)
+    s = cfg.student
+    if s.model:
+        check_weights(s.model, allow_pickle_weights=False, key="student.model")
+        s_conf = load_config(s.model, key="student.model")
+        s_tok = load_tokenizer(s.model, key="student.model")
+        s_fp = tokenizer_fingerprint(s_tok, s.model)
+        if int(s_conf.vocab_size) != vocab_size or s_fp["hash"] != fp["hash"]:
+            problems.append(
+                f"student.model: its vocabulary differs from the teacher's — teacher {t.model} has "
+                f"{fp['vocab_size']} tokens (model vocab {vocab_size}, {fp['hash']}), student {s.model} "
+                f"has {s_fp['vocab_size']} tokens (model vocab {s_conf.vocab_size}, {s_fp['hash']}); "
+                "logit distillation needs one tokenizer — pick a student of the teacher's family "
+                "or use student.init_from_teacher")
+        s_pos = max_positions(s_conf)
+        if s_pos is not None and cfg.data.seq_len > s_pos:
+            problems.append(f"data.seq_len: {cfg.data.seq_len} exceeds the student's maximum of {s_pos} "
+                            f"positions ({s.model}) — use data.seq_len<={s_pos}")
+    else:
+        student_config(t_conf, dict(s.init_from_teacher or {}))  # raises on unknown fields
+    if problems:
+        raise ModelError("\n".join(problems))
+    return ModelInfo(tokenizer=fp, vocab_size=vocab_size, teacher_rev=model_revision(t.model, t.revision),
+                     max_positions=n_pos, eos_token_id=tok.eos_token_id)

@@ -1,0 +1,158 @@
+"""Teacher passes: teacher replicas in a Ray Data actor pool score shards into the store.
+
+A pass is a dataset of *shard tasks* (one row per shard: id, version to write, inputs file,
+seed). Each replica loads the teacher once, scores a task's sequences in micro-batches of
+`teacher.batch_size`, encodes the soft targets and writes the shard version file itself
+(atomic temp + rename, so a killed replica leaves no partial file); only a small record comes back.
+The driver (or the refresh scheduler) commits each record to the manifest as it streams in,
+so an interrupted pass keeps every shard it finished and a re-run scores only the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .models import DTYPES, load_causal_lm
+from .store import SoftTargetStore
+from .targets import arrow_schema, encode, id_type
+
+
+def target_params(targets_cfg) -> dict:
+    """The format and the parameters that define it (what a resumable pass compares)."""
+    if targets_cfg.format == "topk":
+        return {"format": "topk", "k": targets_cfg.k, "capture_temperature": targets_cfg.capture_temperature}
+    return {"format": "sampled", "samples": targets_cfg.samples,
+            "capture_temperature": targets_cfg.capture_temperature}
+
+
+def list_column_to_numpy(column, width: int | None = None) -> np.ndarray:
+    """A column of equal-length int lists → a 2-D int64 array without a Python loop."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    width = width or (len(flat) // max(len(arr), 1))
+    return flat.reshape(len(arr), width)
+
+
+class TeacherReplica:
+    """One teacher replica: a `map_batches` callable class hosted by a Ray Data actor."""
+
+    def __init__(self, *, model: str, dtype: str, trust_remote_code: bool, allow_pickle_weights: bool,
+                 revision: str | None, gpus: float, cpus: float, targets: dict, vocab_size: int,
+                 store_uri: str, batch_size: int):
+        torch.set_num_threads(max(1, int(cpus)))
+        self.device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+        # A replica that needs several GPUs spreads its layers over them with accelerate.
+        device_map = "auto" if gpus > 1 else None
+        self.model = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    allow_pickle_weights=allow_pickle_weights, revision=revision,
+                                    device_map=device_map)
+        if device_map is None:
+            self.model.to(self.device)
+        self.autocast = self.device == "cuda" and DTYPES[dtype] != torch.float32
+        self.dtype = DTYPES[dtype]
+        self.targets = targets
+        self.vocab_size = vocab_size
+        self.store = SoftTargetStore(store_uri)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        out = defaultdict(list)
+        for i in range(len(batch["shard_id"])):
+            res = self.score_shard(str(batch["shard_id"][i]), int(batch["version"][i]),
+                                   str(batch["inputs"][i]), int(batch["seed"][i]),
+                                   int(batch["policy_version"][i]))
+            for k, v in res.items():
+                out[k].append(v)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.autocast):
+            return self.model(input_ids=input_ids).logits
+
+    def score_shard(self, shard_id: str, version: int, inputs: str, seed: int, policy_version: int) -> dict:
+        start = time.perf_counter()
+        table = pq.read_table(self.store.full_path(inputs), filesystem=self.store.filesystem)
+        ids = list_column_to_numpy(table["input_ids"])
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        columns = defaultdict(list)
+        for lo in range(0, len(ids), self.batch_size):
+            x = torch.from_numpy(ids[lo:lo + self.batch_size]).to(self.device)
+            enc = encode(self.logits(x), x, fmt=self.targets["format"], k=self.targets.get("k", 1),
+                         samples=self.targets.get("samples", 1),
+                         capture_temperature=self.targets["capture_temperature"],
+                         vocab_size=self.vocab_size, generator=generator)
+            for k, v in enc.items():
+                columns[k].extend(v)
+        schema = arrow_schema(self.targets["format"], self.vocab_size)
+        data = {"seq_id": table["seq_id"], "input_ids": table["input_ids"].cast(pa.list_(id_type(self.vocab_size))),
+                "policy_version": pa.array(np.full(len(ids), policy_version, dtype=np.int64))}
+        for name in schema.names:
+            if name not in data:
+                data[name] = pa.array(columns[name], type=schema.field(name).type)
+        written = self.store.write_shard(shard_id, version, pa.table(data, schema=schema))
+        return {"shard_id": shard_id, "version": version, "rows": written["rows"],
+                "checksum": written["checksum"], "bytes": written["bytes"], "tokens": int(ids.size),
+                "seconds": time.perf_counter() - start, "policy_version": policy_version}
+
+
+def task_seed(seed: int, shard_id: str, version: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{shard_id}:{version}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab_size: int, teacher_rev: str,
+                     step: int = -1, source: str = "initial", seed: int = 0, inputs: dict | None = None,
+                     policy_version: int = -1, max_replicas: int | None = None, metrics=None,
+                     on_commit=None) -> dict:
+    """Score `shard_ids` with a pool of teacher replicas and commit each new version as it lands."""
+    import ray.data
+
+    params = target_params(cfg.targets)
+    stats = {"source": source, "step": step, "shards": 0, "rows": 0, "tokens": 0, "bytes": 0}
+    start = time.perf_counter()
+    if not shard_ids:
+        return dict(stats, seconds=0.0, rows_per_s=0.0, tokens_per_s=0.0)
+    manifest_inputs = store.manifest()["inputs"]["shards"]
+    tasks = []
+    for sid in shard_ids:
+        version = store.next_version(sid)
+        tasks.append({"shard_id": sid, "version": version, "seed": task_seed(seed, sid, version),
+                      "inputs": (inputs or {}).get(sid) or manifest_inputs[sid]["input"],
+                      "policy_version": policy_version})
+    replicas = max(1, min(cfg.teacher.replicas, max_replicas or cfg.teacher.replicas, len(tasks)))
+    t = cfg.teacher
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+        TeacherReplica, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas),
+        num_cpus=t.cpus_per_replica, num_gpus=t.gpus_per_replica or None,
+        resources=dict(t.resources) or None,
+        fn_constructor_kwargs=dict(model=os.path.expanduser(t.model), dtype=t.dtype,
+                                   trust_remote_code=t.trust_remote_code,
+                                   allow_pickle_weights=t.allow_pickle_weights, revision=t.revision,
+                                   gpus=t.gpus_per_replica, cpus=t.cpus_per_replica, targets=params,
+                                   vocab_size=vocab_size, store_uri=store.uri, batch_size=t.batch_size))
+    for row in ds.iter_rows():
+        record = {"rows": int(row["rows"]), "checksum": str(row["checksum"]), "bytes": int(row["bytes"]),
+                  "teacher_rev": teacher_rev, "format": params["format"], "params": params,
+                  "produced_at_step": step, "policy_version": int(row["policy_version"]), "source": source}
+        store.commit(str(row["shard_id"]), int(row["version"]), record)
+        stats["shards"] += 1
+        stats["rows"] += record["rows"]
+        stats["tokens"] += int(row["tokens"])
+        stats["bytes"] += record["bytes"]
+        if metrics is not None:
+            metrics.teacher_rows(record["rows"], source)
+            metrics.teacher_tokens(int(row["tokens"]), source)
+        if on_commit is not None:
+            on_commit(str(row["shard_id"]), record)
+    seconds = time.perf_counter() - start
+    return dict(stats, seconds=seconds, rows_per_s=stats["rows"] / seconds,
+                tokens_per_s=stats["tokens"] / seconds, replicas=replicas,
+                expected_shards=len(tasks), complete=stats["shards"] == len(tasks))
