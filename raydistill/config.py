@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -198,7 +199,7 @@ def _read_yaml(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise ConfigError([f"config: cannot read {path!r} ({e}) — check the --config path"]) from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = _yaml_load(text)
     except Exception as e:  # YAMLError, or ValueError from e.g. an impossible date
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError([f"config: {path} is not valid YAML ({first}) — fix the syntax"]) from None
@@ -208,6 +209,19 @@ def _read_yaml(path: str) -> dict:
         raise ConfigError([f"config: {path} holds {_show(loaded)}, not a mapping of sections — "
                            f"start the file with section names such as `teacher:`"])
     return loaded
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` (no dot) as a string; read it as the float everyone means."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _apply_override(data: dict, item: Any, errors: list[str]) -> None:
@@ -225,11 +239,11 @@ def _apply_override(data: dict, item: Any, errors: list[str]) -> None:
         errors.append(f"{key}: override has no value — give one, or {key}=null to unset it")
         return
     try:
-        value = yaml.safe_load(raw)
+        value = _yaml_load(raw)
     except Exception:
         errors.append(f"{key}: cannot parse override value {_show(raw)} as YAML — quote it or fix it")
         return
-    if _field_type(parts) in (str, str | None) and value is not None and not isinstance(value, str):
+    if _field_type(parts) in (str, str | None) and not isinstance(value, (str, list, dict, type(None))):
         value = raw  # run.name=2024 means the string "2024"
     node = data
     for i, p in enumerate(parts[:-1]):
@@ -249,7 +263,7 @@ def _field_type(parts: list[str]) -> Any:
     for p in parts:
         if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             return None
-        tp = typing.get_type_hints(tp).get(p)
+        tp = _hints(tp).get(p)
     return tp
 
 
@@ -349,7 +363,7 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
         errors.append(f"{prefix}: expected a mapping, got {_show(data)} — write `{prefix}:` "
                       f"followed by indented `key: value` lines")
         return cls()
-    hints, defaults = typing.get_type_hints(cls), cls()
+    hints, defaults = _hints(cls), cls()
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
@@ -360,6 +374,11 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
         if value is not _BAD:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _check(value: Any, tp: Any, key: str, errors: list[str], default: Any = None) -> Any:

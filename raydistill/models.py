@@ -140,12 +140,18 @@ def max_positions(config) -> int | None:
     return None
 
 
+_ALIASES = {"n_layer": "num_hidden_layers", "num_hidden_layers": "n_layer", "n_embd": "hidden_size",
+            "hidden_size": "n_embd", "n_head": "num_attention_heads", "num_attention_heads": "n_head"}
+
+
 def student_config(teacher_config, overrides: dict):
     """The teacher's config with fewer layers / a smaller width (student.init_from_teacher)."""
     cfg = teacher_config.__class__.from_dict(teacher_config.to_dict())
     for k, v in overrides.items():
         if k == "copy_layers":
             continue
+        if not hasattr(cfg, k) and hasattr(cfg, _ALIASES.get(k, k)):
+            k = _ALIASES[k]  # GPT-2 and Llama names for the same field both work
         if not hasattr(cfg, k):
             raise ModelError(f"student.init_from_teacher.{k}: {type(cfg).__name__} has no such field — "
                              "use a field of the teacher's config.json (e.g. n_layer, num_hidden_layers)")

@@ -154,8 +154,12 @@ def build_table(encoded: dict, *, seq_id, input_ids, policy_version, fmt: str, v
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
+_NP = {pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.int64(): np.int64,
+       pa.float16(): np.float16}
+
+
 def _list_array(arrays, typ: pa.ListType) -> pa.ListArray:
-    np_dtype = typ.value_type.to_pandas_dtype()
+    np_dtype = _NP[typ.value_type]
     lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lens, out=offsets[1:])

@@ -21,7 +21,7 @@ import torch
 
 from .models import DTYPES, load_causal_lm
 from .store import SoftTargetStore
-from .targets import arrow_schema, encode, id_type
+from .targets import build_table, encode
 
 
 def target_params(targets_cfg) -> dict:
@@ -90,13 +90,9 @@ class TeacherReplica:
                          vocab_size=self.vocab_size, generator=generator)
             for k, v in enc.items():
                 columns[k].extend(v)
-        schema = arrow_schema(self.targets["format"], self.vocab_size)
-        data = {"seq_id": table["seq_id"], "input_ids": table["input_ids"].cast(pa.list_(id_type(self.vocab_size))),
-                "policy_version": pa.array(np.full(len(ids), policy_version, dtype=np.int64))}
-        for name in schema.names:
-            if name not in data:
-                data[name] = pa.array(columns[name], type=schema.field(name).type)
-        written = self.store.write_shard(shard_id, version, pa.table(data, schema=schema))
+        shard = build_table(columns, seq_id=table["seq_id"].to_numpy(), input_ids=ids,
+                            policy_version=policy_version, fmt=self.targets["format"], vocab_size=self.vocab_size)
+        written = self.store.write_shard(shard_id, version, shard)
         return {"shard_id": shard_id, "version": version, "rows": written["rows"],
                 "checksum": written["checksum"], "bytes": written["bytes"], "tokens": int(ids.size),
                 "seconds": time.perf_counter() - start, "policy_version": policy_version}
@@ -140,7 +136,8 @@ def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab
                                    vocab_size=vocab_size, store_uri=store.uri, batch_size=t.batch_size))
     for row in ds.iter_rows():
         record = {"rows": int(row["rows"]), "checksum": str(row["checksum"]), "bytes": int(row["bytes"]),
-                  "teacher_rev": teacher_rev, "format": params["format"], "params": params,
+                  "teacher_rev": teacher_rev, "format": params["format"],
+                  "params": {k: v for k, v in params.items() if k != "format"},
                   "produced_at_step": step, "policy_version": int(row["policy_version"]), "source": source}
         store.commit(str(row["shard_id"]), int(row["version"]), record)
         stats["shards"] += 1
