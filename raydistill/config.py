@@ -283,7 +283,6 @@ def _merge(a: dict, b: Mapping) -> dict:
 _BAD = object()
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
-# dotted key -> (test, what is wrong, how to fix); the test sees a well-typed value, None passes.
 def _ge(n):
     return (lambda v: v >= n), f"is below {n}"
 
@@ -299,6 +298,7 @@ def _in(lo, hi, lo_open=False, hi_open=False):
 
 
 _NONEMPTY = (len, "is empty")
+# dotted key -> (test, what is wrong, how to fix); the test sees a well-typed value, None passes.
 _RULES: dict[str, tuple[Any, str, str]] = {
     "run.name": (*_NONEMPTY, "give the run a name"),
     "run.output_dir": (*_NONEMPTY, "use a local directory or a URI such as s3://bucket/runs/x"),
@@ -351,7 +351,8 @@ def _parse(d: Any, errors: list[str], check_paths: bool) -> Config:
                       f"use sections such as teacher: {{model: gpt2}}")
         raise ConfigError(errors)
     cfg = _build(Config, d, "", errors)
-    errors.extend(_problems(cfg, check_paths))
+    reported = {e.split(":", 1)[0] for e in errors}  # keys already wrong: no follow-on complaints
+    errors.extend(p for p in _problems(cfg, check_paths, reported) if p.split(":", 1)[0] not in reported)
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -426,8 +427,8 @@ def _check_mapping(value: Any, args: tuple, key: str, errors: list[str]) -> Any:
     return out if len(errors) == n else _BAD
 
 
-def _problems(cfg: Config, check_paths: bool) -> list[str]:
-    """Value and cross-field problems of a well-typed Config."""
+def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) -> list[str]:
+    """Value and cross-field problems of a well-typed Config (`reported`: keys with type errors)."""
     out = []
     for key, (test, what, fix) in _RULES.items():
         v = _get(cfg, key)
@@ -445,7 +446,8 @@ def _problems(cfg: Config, check_paths: bool) -> list[str]:
         out.append("teacher.model: missing — set it to a local model directory or a Hugging Face hub id")
     models = [("teacher.model", t.model), ("student.model", s.model)]
     out += [p for key, m in models if m is not None and check_paths and (p := _model_problem(key, m))]
-    if (s.model is None) == (s.init_from_teacher is None):
+    student_ok = not reported & {"student.model", "student.init_from_teacher"}
+    if (s.model is None) == (s.init_from_teacher is None) and student_ok:
         state = "both {} and {} are set" if s.model is not None else "neither {} nor {} is set"
         out.append(f"student: {state.format('student.model', 'student.init_from_teacher')} — set exactly "
                    f"one: a model directory / hub id, or e.g. student.init_from_teacher: {{n_layer: 2}}")
@@ -468,7 +470,10 @@ def _problems(cfg: Config, check_paths: bool) -> list[str]:
 
 
 def _model_problem(key: str, value: str) -> str | None:
-    path = os.path.expanduser(value)
+    try:
+        path = os.path.expanduser(value)
+    except ValueError:  # e.g. an embedded NUL byte in ~user
+        path = value
     if value and os.path.isdir(path):
         return None
     if value.startswith(("/", ".", "~")) or (value and os.path.exists(path)):

@@ -201,3 +201,203 @@ def _replace_dir(tmp: str, out: str) -> None:
     except OSError:
         if not os.path.isdir(out):
             raise
+
+
+# ----------------------------------------------------------------------------------------- recipe
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Every number of the embedded default run (see the module docstring for the evidence).
+
+    The pipeline reads the first `student_rows` corpus rows (`data.max_rows`); the teacher is trained
+    on the rows after them, so it has never seen the student's training or held-out sequences."""
+    # corpus and tokenizer
+    corpus_bytes: int = DEFAULT_CORPUS_BYTES
+    vocab_size: int = DEFAULT_VOCAB
+    seq_len: int = 128
+    student_rows: int = 256
+    # teacher (trained here, by demo_teacher)
+    teacher_layers: int = 4
+    teacher_embd: int = 256
+    teacher_heads: int = 4
+    teacher_steps: int = 600
+    teacher_batch: int = 16
+    teacher_lr: float = 3e-3
+    teacher_warmup: int = 30
+    teacher_budget_s: float = 200.0
+    teacher_eval_seqs: int = 32
+    seed: int = 0
+    # student (trained by the pipeline; not part of the teacher's cache key)
+    student_layers: int = 2
+    student_embd: int = 128
+    student_heads: int = 2
+    student_steps: int = 300
+    student_batch: int = 8          # per worker; 2 workers -> global batch 16
+    student_epochs: int = 10
+    student_lr: float = 3e-3
+    student_warmup: int = 20
+    alpha: float = 0.5
+    eval_fraction: float = 0.1
+
+    def teacher_key(self) -> dict:
+        """The fields that shape the teacher: changing any of them trains a new one."""
+        keep = ("corpus_bytes", "vocab_size", "seq_len", "student_rows", "teacher_layers", "teacher_embd",
+                "teacher_heads", "teacher_steps", "teacher_batch", "teacher_lr", "teacher_warmup",
+                "teacher_eval_seqs", "seed")
+        return {k: getattr(self, k) for k in keep}
+
+
+RECIPE = DemoRecipe()
+
+
+# ---------------------------------------------------------------------------------------- teacher
+
+def _teacher_sequences(texts: list[str], tokenizer, seq_len: int, need: int):
+    """Pack documents (each followed by EOS, like `raydistill.data`) into `need` windows at most."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    batch = 64
+    for i in range(0, len(texts), batch):
+        for doc in tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]:
+            ids.extend(doc)
+            ids.append(eos)
+        if len(ids) >= need * seq_len:
+            break
+    n = min(need, len(ids) // seq_len)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _is_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+        os.path.join(path, "model.safetensors"))
+
+
+def demo_teacher(cache_dir: str | None = None, *, recipe: DemoRecipe = RECIPE,
+                 budget_s: float | None = None) -> str:
+    """A GPT-2-style teacher trained on the demo corpus; an HF model dir (safetensors + tokenizer).
+
+    Cached at `<cache_dir>/teacher-<key>/`, key = hash of the teacher's recipe, the corpus and the
+    tokenizer: a finished teacher is returned at once, a changed recipe trains a new one. Training
+    happens in a temporary directory renamed into place when done, so an interrupted run leaves
+    nothing that looks finished. Training stops at `recipe.teacher_steps` or after `budget_s`
+    seconds (default `recipe.teacher_budget_s`), whichever comes first; on a slow machine the
+    cosine schedule is shortened to the steps that fit, so the teacher still ends annealed."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    cache = _resolve(cache_dir)
+    budget = float(recipe.teacher_budget_s if budget_s is None else budget_s)
+    corpus = demo_corpus(cache, max_bytes=recipe.corpus_bytes)
+    tok_dir = demo_tokenizer(cache, corpus, vocab_size=recipe.vocab_size)
+    with open(os.path.join(tok_dir, "tokenizer.json"), "rb") as f:
+        tok_hash = hashlib.sha256(f.read()).hexdigest()
+    key = _key({"v": _FORMAT_VERSION, "recipe": recipe.teacher_key(), "corpus": _file_sha256(corpus),
+                "tokenizer": tok_hash})
+    out = os.path.join(cache, f"teacher-{key}")
+    if _is_model_dir(out):
+        return out
+
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    texts = _read_texts(corpus)[recipe.student_rows:]
+    need = recipe.teacher_steps * recipe.teacher_batch + recipe.teacher_eval_seqs
+    seqs = _teacher_sequences(texts, tokenizer, recipe.seq_len, need)
+    n_eval = min(recipe.teacher_eval_seqs, len(seqs) // 4)
+    if len(seqs) - n_eval < recipe.teacher_batch:
+        raise RuntimeError(f"the demo corpus {corpus} has too little text after row {recipe.student_rows} "
+                           f"to train the teacher ({len(seqs)} sequences of {recipe.seq_len} tokens)")
+    train, held_out = seqs[: len(seqs) - n_eval], seqs[len(seqs) - n_eval:]
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=recipe.seq_len, n_layer=recipe.teacher_layers,
+                        n_embd=recipe.teacher_embd, n_head=recipe.teacher_heads, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos,
+                        pad_token_id=eos)
+    torch.manual_seed(recipe.seed)
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.teacher_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    _log(f"teacher: training GPT-2 {recipe.teacher_layers} layers x {recipe.teacher_embd} "
+         f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {len(train)} sequences "
+         f"of {recipe.seq_len} tokens, up to {recipe.teacher_steps} steps of {recipe.teacher_batch} "
+         f"within {budget:.0f}s (prepared in {time.time() - t0:.1f}s)")
+    model.train()
+    total, order, pos, step, ema = recipe.teacher_steps, torch.empty(0, dtype=torch.long), 0, 0, None
+    start = last_log = time.time()
+    while step < total:
+        elapsed = time.time() - start
+        if elapsed >= budget:
+            _log(f"teacher: time budget of {budget:.0f}s reached at step {step}")
+            break
+        if step >= 10 and step % 10 == 0:  # fit the schedule to the budget on a slow machine
+            fit = step + int((budget - elapsed) / (elapsed / step))
+            total = max(step + 1, min(recipe.teacher_steps, fit))
+        if pos + recipe.teacher_batch > len(order):
+            order, pos = torch.randperm(len(train), generator=gen), 0
+        x = train[order[pos:pos + recipe.teacher_batch]]
+        pos += recipe.teacher_batch
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, total, recipe.teacher_lr, recipe.teacher_warmup)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        value = loss.item()
+        ema = value if ema is None else 0.9 * ema + 0.1 * value
+        if time.time() - last_log >= 15 or step == total:
+            last_log = time.time()
+            rate = step / (last_log - start)
+            _log(f"teacher: step {step}/{total} loss {ema:.3f} elapsed {last_log - start:.0f}s "
+                 f"ETA {(total - step) / rate:.0f}s")
+    model.eval()
+    with torch.no_grad():
+        ce = float(model(input_ids=held_out, labels=held_out).loss) if len(held_out) else float("nan")
+    train_s = time.time() - start
+    _log(f"teacher: {step} steps in {train_s:.0f}s, held-out cross-entropy {ce:.3f}")
+
+    tmp = tempfile.mkdtemp(prefix=".teacher-", dir=cache)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "raydistill_demo.json"), "w") as f:
+            json.dump({"recipe": dataclasses.asdict(recipe), "steps": step, "planned_steps": recipe.teacher_steps,
+                       "train_seconds": round(train_s, 1), "held_out_ce": ce, "held_out_sequences": len(held_out),
+                       "train_sequences": len(train), "corpus": corpus, "tokenizer": tok_dir}, f, indent=1)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"teacher: saved {out} ({time.time() - t0:.0f}s in all)")
+    return out
+
+
+# ------------------------------------------------------------------------------ the embedded config
+
+def default_config(cache_dir: str | None = None, *, recipe: DemoRecipe = RECIPE) -> dict:
+    """The embedded run of `python jobs/distill.py`: builds (or reuses) corpus, tokenizer, teacher."""
+    cache = _resolve(cache_dir)
+    corpus = demo_corpus(cache, max_bytes=recipe.corpus_bytes)
+    teacher = demo_teacher(cache, recipe=recipe)
+    return {
+        "run": {"name": "demo", "output_dir": "runs/demo", "seed": 0},
+        "data": {"path": corpus, "text_column": "text", "seq_len": recipe.seq_len,
+                 "eval_fraction": recipe.eval_fraction, "max_rows": recipe.student_rows},
+        "teacher": {"model": teacher, "replicas": 2, "cpus_per_replica": 1.0, "batch_size": 16},
+        "targets": {"format": "sampled", "samples": 50, "shard_rows": 128},
+        "student": {"init_from_teacher": {"n_layer": recipe.student_layers, "n_embd": recipe.student_embd,
+                                          "n_head": recipe.student_heads}},
+        "train": {"workers": 2, "cpus_per_worker": 1.0, "epochs": recipe.student_epochs,
+                  "max_steps": recipe.student_steps, "batch_size": recipe.student_batch, "lr": recipe.student_lr,
+                  "warmup_steps": recipe.student_warmup, "alpha": recipe.alpha, "temperature": 1.0,
+                  "checkpoint_every": 100},
+        "refresh": {"policy": "none"},
+    }

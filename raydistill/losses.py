@@ -48,7 +48,8 @@ def _has_tail(targets: SparseTargets, vocab: int) -> bool:
     return targets.kind == "topk" and targets.ids.shape[-1] < vocab
 
 
-def teacher_buckets(targets: SparseTargets, temperature: float = 1.0, vocab: int | None = None) -> torch.Tensor:
+def teacher_buckets(targets: SparseTargets, temperature: float = 1.0,
+                    vocab: int | None = None) -> torch.Tensor:
     """Teacher log-probs on the buckets at `temperature`, detached float32: [..., M] or [..., M+1].
 
     The last bucket is the tail for topk targets (unless k equals `vocab`). Padding buckets of

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 FORMATS = ("sampled", "topk")
 KINDS = ("sampled", "topk", "dense")
 FP16_MIN = -65504.0  # most negative finite float16
-# Columns that hold ids or log-probs: never dictionary-encoded (high cardinality, hurts size and speed).
-_NO_DICT = {"input_ids", "label_logprob", "sample_ids", "topk_ids", "topk_logprobs", "tail_logmass"}
+# Dictionary encoding only where values repeat a lot; never on id / log-prob columns (high
+# cardinality: dictionary pages cost space and decode time there) nor on the unique seq_id.
+_DICT_OK = {"policy_version", "sample_counts", "sample_len"}
 
 
 @dataclass
@@ -114,15 +115,14 @@ def arrow_schema(fmt: str, vocab_size: int) -> pa.Schema:
 
 
 def write_options(schema: pa.Schema) -> dict:
-    """Keyword arguments for `pq.write_table`: zstd, dictionary encoding only off id/log-prob columns.
+    """Keyword arguments for `pq.write_table(table, where, **write_options(table.schema))`.
 
-    Parquet names a list column's values `<name>.list.element`; `use_dictionary` matches those paths.
+    zstd; dictionary encoding only on policy_version / sample_counts / sample_len, never on the
+    id or log-prob columns. Parquet names a list column's values `<name>.list.element`, and
+    `use_dictionary` matches those leaf paths.
     """
-    allowed = []
-    for f in schema:
-        if f.name in _NO_DICT:
-            continue
-        allowed.append(f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name)
+    allowed = [f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
+               for f in schema if f.name in _DICT_OK]
     return {"compression": "zstd", "use_dictionary": allowed}
 
 
@@ -161,6 +161,9 @@ _NP = {pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.
 def _list_array(arrays, typ: pa.ListType) -> pa.ListArray:
     np_dtype = _NP[typ.value_type]
     lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    if lens.sum() > np.iinfo(np.int32).max:
+        raise ValueError(f"a shard column holds {lens.sum()} values, more than a Parquet list column's "
+                         "int32 offsets allow — use smaller shards")
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lens, out=offsets[1:])
     flat = np.concatenate([np.asarray(a, dtype=np_dtype) for a in arrays]) if len(arrays) else \

@@ -126,13 +126,41 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Test hook: the worker of rank 1 (or 0 alone) dies once at a given step (a real process death)."""
-    at, marker = os.environ.get("RAYDISTILL_KILL_AT_STEP"), os.environ.get("RAYDISTILL_KILL_MARKER")
-    if at and marker and step == int(at) and rank == int(os.environ.get("RAYDISTILL_KILL_RANK", "0")) \
-            and not os.path.exists(marker):
-        open(marker, "w").close()
+def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
+    """Test hook (RAYDISTILL_KILL_AT_STEP/_RANK/_MARKER on the driver): one worker process dies once."""
+    if fault and step == fault["step"] and rank == fault["rank"] and not os.path.exists(fault["marker"]):
+        open(fault["marker"], "w").close()
+        # Let the controller register the last report first, as it would in any run whose
+        # checkpoints are minutes apart (it polls workers every few seconds).
+        time.sleep(fault.get("delay_s", 5.0))
         os._exit(1)
+
+
+def _fault_from_env() -> dict | None:
+    at, marker = os.environ.get("RAYDISTILL_KILL_AT_STEP"), os.environ.get("RAYDISTILL_KILL_MARKER")
+    if not (at and marker):
+        return None
+    return {"step": int(at), "rank": int(os.environ.get("RAYDISTILL_KILL_RANK", "0")), "marker": marker}
+
+
+class SeqIdAudit:
+    """Optional record of the seq_ids each rank trained on, per epoch (RAYDISTILL_AUDIT_DIR):
+    evidence that ranks see disjoint rows and no row twice in an epoch, refreshes included."""
+
+    def __init__(self, directory: str | None, label: str, rank: int):
+        self.directory, self.label, self.rank = directory, label, rank
+        self.ids: list[np.ndarray] = []
+
+    def add(self, batch: pa.Table) -> None:
+        if self.directory:
+            self.ids.append(batch.column("seq_id").to_numpy())
+
+    def close_epoch(self, epoch: int) -> None:
+        if self.directory and self.ids:
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, f"{self.label}-rank{self.rank}-epoch{epoch}-{time.time_ns()}.npy")
+            np.save(path, np.concatenate(self.ids))
+        self.ids = []
 
 
 # ---------------------------------------------------------------- the loop (runs on every worker)
@@ -177,7 +205,9 @@ def train_loop(loop_cfg: dict) -> None:
     fmt = loop_cfg["format"]
     shard = ray.train.get_dataset_shard("train")
     start, last_log, tokens_since = time.perf_counter(), time.perf_counter(), 0
+    audit = SeqIdAudit(loop_cfg.get("audit_dir"), label, rank)
     while step < total_steps:
+        epoch = step // steps_per_epoch
         skip = (step % steps_per_epoch) * t.grad_accum  # batches of this epoch already trained on
         micro, ran = 0, False
         for i, batch in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
@@ -185,6 +215,7 @@ def train_loop(loop_cfg: dict) -> None:
             if i < skip or step >= total_steps:
                 continue  # every rank still drains its split: streaming_split waits for all consumers
             ran = True
+            audit.add(batch)
             if fmt == "inputs":
                 input_ids = torch.from_numpy(np.stack(batch.column("input_ids").to_numpy(zero_copy_only=False))
                                              .astype(np.int64))
@@ -223,7 +254,7 @@ def train_loop(loop_cfg: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            _maybe_inject_fault(step, rank)
+            _maybe_inject_fault(loop_cfg.get("fault"), step, rank)
             if step % t.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 tps = tokens_since / max(now - last_log, 1e-9)
@@ -240,6 +271,7 @@ def train_loop(loop_cfg: dict) -> None:
             if step % t.checkpoint_every == 0 or step == total_steps:
                 _report(step, model, optimizer, scheduler, history, resumed_from, rank,
                         final=step == total_steps, cfg_dict=loop_cfg["config"])
+        audit.close_epoch(epoch)
         if not ran and skip == 0:
             raise RuntimeError(f"[{label}] the training split of rank {rank} is empty: the store has fewer "
                                f"rows than train.workers × train.batch_size")
@@ -356,7 +388,8 @@ def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: f
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "alpha": alpha, "label": label, "format": fmt,
                            "total_steps": total, "steps_per_epoch": steps_per_epoch, "scheduler": scheduler,
-                           "namespace": namespace, "policy_dir": policy_dir, "policy_every": policy_every},
+                           "namespace": namespace, "policy_dir": policy_dir, "policy_every": policy_every,
+                           "fault": _fault_from_env(), "audit_dir": os.environ.get("RAYDISTILL_AUDIT_DIR")},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"{cfg.run.name}-{label}", storage_path=f"{output_dir}/checkpoints",
                              failure_config=FailureConfig(max_failures=t.max_failures),

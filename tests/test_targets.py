@@ -28,7 +28,15 @@ def _table(enc, input_ids, fmt, vocab):
 def _parquet_roundtrip(table, tmp_path):
     path = tmp_path / "shard.parquet"
     pq.write_table(table, path, **tg.write_options(table.schema))
-    return pq.read_table(path), pq.ParquetFile(path).metadata
+    meta = pq.ParquetFile(path).metadata
+    # zstd everywhere; no dictionary pages on id / log-prob columns
+    for i in range(meta.num_columns):
+        col = meta.row_group(0).column(i)
+        assert col.compression == "ZSTD"
+        if col.path_in_schema.split(".")[0] in ("seq_id", "input_ids", "label_logprob", "sample_ids",
+                                                "topk_ids", "topk_logprobs", "tail_logmass"):
+            assert "RLE_DICTIONARY" not in col.encodings and "PLAIN_DICTIONARY" not in col.encodings
+    return pq.read_table(path), meta
 
 
 def test_id_type_by_vocab_size():
@@ -53,16 +61,7 @@ def test_topk_parquet_roundtrip_values(tmp_path):
     enc = tg.encode(logits, input_ids, fmt="topk", k=k, capture_temperature=1.0, vocab_size=vocab)
     assert [a.shape for a in enc["topk_ids"]] == [((seq_len - 1) * k,)] * b
     assert enc["topk_logprobs"][0].dtype == np.float16 and enc["topk_ids"][0].dtype == np.uint16
-    table, meta = _parquet_roundtrip(_table(enc, input_ids, "topk", vocab), tmp_path)
-
-    # zstd everywhere; no dictionary pages on id / log-prob columns
-    for i in range(meta.num_columns):
-        col = meta.row_group(0).column(i)
-        assert col.compression == "ZSTD"
-        if col.path_in_schema.split(".")[0] in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass",
-                                                "label_logprob"):
-            assert "RLE_DICTIONARY" not in col.encodings and "PLAIN_DICTIONARY" not in col.encodings
-
+    table, _ = _parquet_roundtrip(_table(enc, input_ids, "topk", vocab), tmp_path)
     ids_out, t = tg.decode(table, "topk")
     assert torch.equal(ids_out, input_ids)
     lp = F.log_softmax(logits[:, :-1].double(), -1)

@@ -1,0 +1,88 @@
+"""Student training with real Ray Train DDP (2 gloo workers on CPU) over a real store."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from raydistill.data import build_inputs
+from raydistill.models import build_student, preflight
+from raydistill.pipeline import export_student, open_store, score_pending
+from raydistill.train import fit_student, read_final_state
+
+from test_teacher_pass import make_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def train_cfg(tmp_path, tiny_dir, corpus, **over):
+    base = dict(train__workers=2, train__cpus_per_worker=0.5, train__batch_size=16, train__epochs=2,
+                train__lr=3e-3, train__warmup_steps=2, train__log_every=1, train__checkpoint_every=4,
+                train__alpha=0.5, run__name=f"t{os.getpid()}-{tmp_path.name}")
+    base.update(over)
+    return make_cfg(tmp_path, tiny_dir, corpus, fmt="sampled", **base)
+
+
+def prepared_store(cfg):
+    info = preflight(cfg)
+    store = open_store(cfg, info)
+    build_inputs(cfg, store, info)
+    score_pending(cfg, store, info)
+    return info, store
+
+
+def test_ddp_two_workers_disjoint_data_and_export(ray_session, tmp_path, tiny_dir, tiny_corpus, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    cfg = train_cfg(tmp_path, tiny_dir, tiny_corpus)
+    info, store = prepared_store(cfg)
+    audit = tmp_path / "audit"
+    monkeypatch.setenv("RAYDISTILL_AUDIT_DIR", str(audit))
+    result, total = fit_student(cfg, store, info.vocab_size)
+    assert result.error is None
+    state = read_final_state(result)
+    rows = sum(s["rows"] for s in store.manifest()["inputs"]["shards"].values())
+    assert total == (rows // 2 // 16) * 2 and state["step"] == total
+
+    losses = [h["loss"] for h in state["history"]]
+    k = max(2, len(losses) // 4)
+    assert np.mean(losses[-k:]) < np.mean(losses[:k]) - 0.05, losses
+
+    for epoch in (0, 1):
+        r0 = np.concatenate([np.load(f) for f in glob.glob(str(audit / f"student-rank0-epoch{epoch}-*.npy"))])
+        r1 = np.concatenate([np.load(f) for f in glob.glob(str(audit / f"student-rank1-epoch{epoch}-*.npy"))])
+        assert len(r0) == len(r1) == (total // 2) * 16       # equal split, whole batches
+        assert len(np.unique(r0)) == len(r0) and len(np.unique(r1)) == len(r1)
+        assert not set(r0.tolist()) & set(r1.tolist())      # disjoint ranks
+
+    out = export_student(result, cfg, str(tmp_path / "out"), "student")
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    trained = build_student(cfg.student, cfg.teacher.model)
+    from safetensors.torch import load_file
+    with result.checkpoint.as_directory() as d:
+        trained.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
+    x = torch.randint(0, info.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=x).logits, trained.eval()(input_ids=x).logits, atol=1e-5)
+    untrained = build_student(cfg.student, cfg.teacher.model, seed=123)
+    with torch.no_grad():
+        assert not torch.allclose(exported(input_ids=x).logits, untrained(input_ids=x).logits, atol=1e-3)
+
+
+def test_worker_killed_resumes_from_checkpoint(ray_session, tmp_path, tiny_dir, tiny_corpus, monkeypatch):
+    cfg = train_cfg(tmp_path, tiny_dir, tiny_corpus, train__max_failures=2, train__epochs=1)
+    info, store = prepared_store(cfg)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RAYDISTILL_KILL_AT_STEP", "6")
+    monkeypatch.setenv("RAYDISTILL_KILL_RANK", "1")
+    monkeypatch.setenv("RAYDISTILL_KILL_MARKER", str(marker))
+    result, total = fit_student(cfg, store, info.vocab_size)
+    assert marker.exists()                               # the worker process really died at step 6
+    assert result.error is None
+    state = read_final_state(result)
+    assert state["step"] == total                        # finished at the configured step count
+    assert state["resumed_from"] == 4                    # from the last checkpoint before the kill
+    assert 6 - state["resumed_from"] <= cfg.train.checkpoint_every
