@@ -2,7 +2,7 @@
 
 Sections (every key optional except ``teacher.model``; see ``configs/default.yaml``):
 
-    run       name, output_dir, seed
+    run       name, output_dir, seed, compare_hard_labels
     data      path, text_column, seq_len, eval_fraction, max_rows
     teacher   model, revision, dtype, replicas, cpus_per_replica, gpus_per_replica, batch_size,
               trust_remote_code, allow_pickle_weights, resources
@@ -49,6 +49,7 @@ class RunConfig:
     name: str = "distill"
     output_dir: str = "runs/distill"
     seed: int = 0
+    compare_hard_labels: bool = False  # also train the same student on hard labels alone (alpha 0)
 
 
 @dataclass(kw_only=True)
