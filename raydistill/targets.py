@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
@@ -257,8 +258,16 @@ def _draw_unique(probs: torch.Tensor, samples: int, generator) -> tuple[np.ndarr
 
 # ---------------------------------------------------------------------------------------- decode
 
+# Columns of token ids / counts: integers >= 0; the rest (log-probs) any real numbers.
+_INT_COLUMNS = {"input_ids", "topk_ids", "sample_ids", "sample_counts", "sample_len"}
+
+
 def _flat(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, per-row lengths) of list column `name` of a Table / RecordBatch / dict batch."""
+    """(flat values, per-row lengths) of list column `name` of a Table / RecordBatch / dict batch.
+
+    Anything that is not a list of numbers per row (a flat column, strings, nested lists, nulls,
+    negative ids) raises a ValueError naming the column: a damaged shard must fail clearly.
+    """
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
         if name not in batch.schema.names:
             raise ValueError(f"decode: the batch has no column {name!r} (has {batch.schema.names})")
@@ -270,19 +279,39 @@ def _flat(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if isinstance(col, pa.Array):
+        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+                or pa.types.is_fixed_size_list(col.type)):
+            raise ValueError(f"decode: column {name!r} has type {col.type}, expected a list per row")
         if col.null_count:
             raise ValueError(f"decode: column {name!r} has {col.null_count} null rows")
-        lens = col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-        return col.flatten().to_numpy(zero_copy_only=False), lens
+        values = col.flatten()
+        if values.null_count:
+            raise ValueError(f"decode: column {name!r} holds {values.null_count} null values")
+        lens = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+        return _numeric(values.to_numpy(zero_copy_only=False), name), lens
     if isinstance(col, np.ndarray) and col.dtype != object:
         if col.ndim != 2:
             raise ValueError(f"decode: column {name!r} must be 2-D or hold one array per row, "
                              f"got shape {col.shape}")
-        return col.reshape(-1), np.full(col.shape[0], col.shape[1], dtype=np.int64)
+        return _numeric(col.reshape(-1), name), np.full(col.shape[0], col.shape[1], dtype=np.int64)
     rows = [np.asarray(r) for r in col]   # object array (Ray Data numpy batches) or list of arrays
+    if any(r.ndim != 1 for r in rows):
+        raise ValueError(f"decode: every row of column {name!r} must be a 1-D array")
     lens = np.fromiter((r.size for r in rows), dtype=np.int64, count=len(rows))
-    flat = np.concatenate([r.reshape(-1) for r in rows]) if rows else np.zeros(0)
-    return flat, lens
+    flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return _numeric(flat, name), lens
+
+
+def _numeric(flat: np.ndarray, name: str) -> np.ndarray:
+    if flat.size == 0:
+        return flat.astype(np.int64) if flat.dtype.kind not in "iuf" else flat
+    ints = name in _INT_COLUMNS
+    if flat.dtype.kind not in ("iu" if ints else "iuf"):
+        raise ValueError(f"decode: column {name!r} holds {flat.dtype} values, expected "
+                         f"{'integers' if ints else 'numbers'}")
+    if ints and flat.dtype.kind == "i" and flat.min() < 0:
+        raise ValueError(f"decode: column {name!r} holds a negative value ({flat.min()})")
+    return flat
 
 
 def _fixed(batch, name: str, per_row: int | None = None) -> np.ndarray:
@@ -308,6 +337,8 @@ def decode(batch, fmt: str) -> tuple[torch.Tensor, SparseTargets]:
     _check_fmt(fmt)
     inp = _fixed(batch, "input_ids")
     bsz, seq_len = inp.shape
+    if bsz and seq_len < 2:
+        raise ValueError(f"decode: input_ids rows hold {seq_len} token(s); a shard row needs at least 2")
     t = seq_len - 1
     input_ids = torch.from_numpy(inp.astype(np.int64))
     label = torch.from_numpy(_fixed(batch, "label_logprob", t).astype(np.float32))
@@ -330,6 +361,8 @@ def decode(batch, fmt: str) -> tuple[torch.Tensor, SparseTargets]:
                          "(corrupt shard?)")
     if (slen == 0).any():
         raise ValueError("decode: a position has sample_len 0 (corrupt shard?)")
+    if (counts == 0).any():
+        raise ValueError("decode: sample_counts holds a count of 0 (corrupt shard?)")
     n_pos = bsz * t
     m = int(slen.max()) if slen.size else 0
     row = np.repeat(np.arange(n_pos), slen)
