@@ -224,7 +224,7 @@ def run(cfg) -> dict:
 
     evaluation = evaluate_students(cfg, store, students)
     phase("eval")
-    summary = store.summary()
+    summary = dict(store.summary(), format=cfg.targets.format)
     train_tokens = [h["tokens_per_s"] for h in state["history"]]
     report = {
         "run": {"name": cfg.run.name, "mode": cfg.mode, "output_dir": out, "store": store.uri},

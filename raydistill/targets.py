@@ -204,7 +204,7 @@ def encode(teacher_logits: torch.Tensor, input_ids: torch.Tensor, *, fmt: str, k
                          "pass the model's config.vocab_size (the width of its output layer)")
     if not capture_temperature > 0:
         raise ValueError(f"targets.capture_temperature must be > 0, got {capture_temperature}")
-    t = seq_len - 1
+    t = max(seq_len - 1, 0)  # 0 rows: the length is unknown
     with torch.no_grad():
         logp = F.log_softmax(teacher_logits[:, :-1].float() / capture_temperature, dim=-1)  # [B, T, V]
         labels = input_ids[:, 1:].to(device=logp.device, dtype=torch.long)
@@ -339,7 +339,7 @@ def decode(batch, fmt: str) -> tuple[torch.Tensor, SparseTargets]:
     bsz, seq_len = inp.shape
     if bsz and seq_len < 2:
         raise ValueError(f"decode: input_ids rows hold {seq_len} token(s); a shard row needs at least 2")
-    t = seq_len - 1
+    t = max(seq_len - 1, 0)  # 0 rows: the length is unknown
     input_ids = torch.from_numpy(inp.astype(np.int64))
     label = torch.from_numpy(_fixed(batch, "label_logprob", t).astype(np.float32))
     if fmt == "topk":

@@ -240,7 +240,7 @@ def train_loop(loop_cfg: dict) -> None:
                 if targets is None:
                     from .losses import ce_loss
                     loss, parts = ce_loss(logits, labels), {}
-                    parts = {"kd": 0.0, "ce": float(loss)}
+                    parts = {"kd": 0.0, "ce": loss.item()}
                 else:
                     loss, parts = distill_loss(logits, targets, labels, alpha=alpha, temperature=temperature,
                                                loss=t.loss, jsd_beta=t.jsd_beta)

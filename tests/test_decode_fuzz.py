@@ -20,6 +20,7 @@ import pyarrow as pa
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis.control import current_build_context, event
 
 from raydistill.errors import CorruptShardError, RaydistillError, StoreError
 from raydistill.store import SoftTargetStore
@@ -30,6 +31,15 @@ FORMATS = {"topk": {"format": "topk", "k": 3, "capture_temperature": 1.0},
            "sampled": {"format": "sampled", "samples": 20, "capture_temperature": 1.0}}
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.function_scoped_fixture])
+
+
+def _event(what: str) -> None:
+    """Label the outcome for --hypothesis-show-statistics (no-op outside a @given test)."""
+    try:
+        current_build_context()
+    except Exception:
+        return
+    event(what)
 
 
 def valid_table(fmt: str, rows: int = 3, seq_len: int = 6, seed: int = 0) -> pa.Table:
@@ -85,6 +95,7 @@ def read_and_decode(store: SoftTargetStore, fmt: str, original: bytes, data: byt
         assert "s0" in msg and "v1" in msg and "expected" in msg and e.shard_id == "s0"
         # The checksum is what catches any change unless the manifest was updated to match.
         assert match or data != original or "checksum" not in msg
+        _event(f"store refused: {msg.split(': ', 1)[1].split(' (')[0]}")
         return
     # Only bytes whose checksum matches the record are ever parsed; they may still be a valid file.
     assert match or data == original
@@ -97,13 +108,17 @@ def decode_clearly(batch, fmt: str):
         ids, t = tg.decode(batch, fmt)
     except RaydistillError as e:
         assert str(e)
+        _event("decode refused (RaydistillError)")
         return None
     except ValueError as e:
         assert str(e).startswith("decode:"), repr(e)
+        _event("decode refused")
         return None
+    _event("decoded")
     # Whatever decodes is shaped as documented; ids are valid indices; sampled weights are finite.
     b, length = ids.shape
-    assert t.logprobs.shape[:2] == (b, length - 1) and t.label_logprob.shape == (b, length - 1)
+    t_len = max(length - 1, 0)   # a batch of 0 rows has no known length
+    assert t.logprobs.shape[:2] == (b, t_len) and t.label_logprob.shape == (b, t_len)
     assert t.ids is not None and t.ids.shape == t.logprobs.shape and t.ids.dtype == torch.long
     assert (t.ids >= 0).all() and (ids >= 0).all()
     if t.kind == "sampled":   # log(count / total): NaN only if a count were 0 (refused)

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""raydistill benchmarks: every performance claim as a ratio to a baseline measured in the same run.
+
+    python bench/run.py --quick          # make bench-quick: tiny models, <= 10 min on 2 cores
+    python bench/run.py                  # make bench: larger models and corpora
+    python bench/run.py --quick --rows 1,2 --profile
+
+Rows (see each module's docstring for the exact method):
+  1  teacher pass (build_inputs + score_pending) vs a plain fwd + encode loop   teacher_rows.py
+  2  teacher replica scaling 1 vs 2 vs N (= cores)                             teacher_rows.py
+  3  Ray Train from the store vs a plain loop over in-memory batches           train_rows.py
+  4  cached vs online epoch time against the theoretical ratio                 train_rows.py
+  5  store bytes/token and fidelity, sampled N and topk k (32k vocabulary)     store_rows.py
+  6  peak memory of a teacher pass and of training at 1x and 4x corpus         memory_rows.py
+  7  GPU: the same on a GPU with a ~100M+ teacher (only where one is lent)
+
+Rows 1-4 share one local Ray (`ray.init(num_cpus=8)`); row 5 needs none; row 6 runs each corpus
+size in a child process with its own Ray so that its whole process tree can be measured.
+Prints one table and writes bench/results/<YYYY-MM-DD>.json (scratch files: bench/results/tmp/).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (BENCH, FULL, QUICK, TMP, Row, cores, corpus_and_tokenizer, gpt2_dir, init_ray,  # noqa: E402
+                    loadavg, log, machine, setup_env, table)
+
+setup_env()
+
+
+def gpu_row() -> Row:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return Row("7", "GPU", None, None, "", None, "-", "not run",
+                       f"a GPU is visible ({torch.cuda.get_device_name(0)}) but the GPU row is not implemented yet")
+    except Exception:  # noqa: BLE001
+        pass
+    return Row("7", "GPU (teacher ~100M+ bf16, rows 1-4)", None, None, "", None, "-", "not run",
+               "not run: no GPU lent")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes: <= 10 minutes on a 2-core machine")
+    ap.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated rows to run (2 needs 1, 3-4 need 1)")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the Ray Train worker during row 3 (perturbs the timing on small machines)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<date>.json)")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    wanted = {r.strip() for r in args.rows.split(",") if r.strip()}
+    if wanted & {"2", "3", "4"}:
+        wanted.add("1")
+
+    started = time.time()
+    work = os.path.join(TMP, f"run-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(work, exist_ok=True)
+    load_start = loadavg()
+    log(f"{sizes.name} bench, {cores()} cores, load average {load_start}; scratch {work}")
+    corpus, tok = corpus_and_tokenizer(sizes, 2048)
+    teacher = gpt2_dir(tok, n_layer=sizes.teacher_layers, n_embd=sizes.teacher_embd, n_head=sizes.teacher_heads,
+                       n_positions=sizes.seq_len, seed=1, tag="teacher2k")
+    assets = {"corpus": corpus, "tokenizer": tok, "teacher": teacher}
+    rows: list[Row] = []
+    details: dict = {"sizes": sizes.__dict__, "assets": assets, "errors": {}, "phase_s": {}}
+
+    def section(name, fn):
+        t = time.time()
+        try:
+            rows.extend(fn())
+        except Exception as e:  # noqa: BLE001 - one failing row must not hide the others
+            traceback.print_exc()
+            details["errors"][name] = f"{type(e).__name__}: {e}"
+            rows.append(Row(name, "error", None, None, "", None, "-", "FAIL", f"{type(e).__name__}: {e}"[:300]))
+        details["phase_s"][name] = round(time.time() - t, 1)
+
+    if "5" in wanted:
+        from store_rows import run_row_5
+
+        section("5", lambda: run_row_5(sizes, work, details))
+    if "1" in wanted:
+        init_ray(8)
+        from teacher_rows import run_rows_1_2
+
+        section("1-2", lambda: run_rows_1_2(sizes, assets, work, details))
+        if wanted & {"3", "4"} and "row1" in details:
+            from train_rows import run_rows_3_4
+
+            store_uri = os.path.join(work, "row1", "targets")
+            section("3-4", lambda: run_rows_3_4(sizes, assets, work, details, store_uri, profile=args.profile))
+        import ray
+
+        ray.shutdown()
+    if "6" in wanted:
+        from memory_rows import run_row_6
+
+        section("6", lambda: run_row_6(sizes, assets, work, details))
+    rows.append(gpu_row())
+
+    order = {"1": 0, "2": 1, "3": 2, "3b": 3, "4": 4, "5": 5, "6": 6, "7": 7}
+    rows.sort(key=lambda r: order.get(r.row, 9 if "-" not in r.row else order.get(r.row[0], 9)))
+    wall = time.time() - started
+    date = datetime.date.today().isoformat()
+    result = {
+        "date": date, "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "command": "python bench/run.py" + (" --quick" if args.quick else "") +
+                   (f" --rows {args.rows}" if args.rows != "1,2,3,4,5,6" else "") + (" --profile" if args.profile else ""),
+        "mode": sizes.name, "wall_s": round(wall, 1), "machine": machine(),
+        "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "rows": [r.to_dict() for r in rows], "details": details,
+    }
+    out = args.out or os.path.join(BENCH, "results", f"{date}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print()
+    print(table(rows))
+    print(f"\n{sizes.name} bench: {wall:.0f}s wall, load average {load_start} -> {result['loadavg_end']} "
+          f"on {cores()} cores; results in {out}")
+    if not details["errors"]:
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints, stores; kept for a look when a row failed
+    return 0 if not details["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Rows 1 and 2: the teacher pass against a plain single-process loop, and replica scaling.
+
+Row 1  pipeline = `raydistill.data.build_inputs` + `raydistill.pipeline.score_pending` on a fresh
+       store (Ray Data read → tokenize + pack → teacher actors: forward → encode → Parquet write →
+       driver commit), tokens/s over its whole wall time. Baseline = one process, torch threads =
+       cores, looping over the very token batches the pass scored (read back from the store's input
+       shards) with the same model forward + `targets.encode`, nothing else. Both see the same tokens.
+Row 2  re-score every shard with 1, 2 and N (= cores) replicas (`run_teacher_pass`, one CPU and one
+       torch thread per replica), tokens/s of each pass; the ratio is against 1 replica.
+
+Breakdown (the profile of where the pass's time goes): the same stages timed in-process on the same
+sequences (tokenize, forward, encode, build_table + write_shard), and the pass's first-commit
+latency (actor start + model load + first shard).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+
+from common import Row, Timer, bench_config, cores, judge, log
+
+
+def _input_batches(store, batch_size: int) -> list[np.ndarray]:
+    from raydistill.teacher import list_column_to_numpy
+
+    out = []
+    for sid in store.shard_ids():
+        ids = list_column_to_numpy(store.read_input(sid)["input_ids"])
+        out += [ids[lo:lo + batch_size] for lo in range(0, len(ids), batch_size)]
+    return out
+
+
+def plain_teacher_loop(teacher_dir: str, batches: list[np.ndarray], *, vocab_size: int, threads: int,
+                       samples: int = 50) -> dict:
+    """The raw limit: forward + encode only, one process, `threads` torch threads."""
+    import torch
+
+    from raydistill.models import load_causal_lm
+    from raydistill.targets import encode
+
+    torch.set_num_threads(threads)
+    model = load_causal_lm(teacher_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():  # warm-up (allocator, kernels): not counted
+        model(input_ids=torch.from_numpy(batches[0][:2]))
+    fwd = enc = 0.0
+    tokens = 0
+    for b in batches:
+        x = torch.from_numpy(b)
+        t = Timer()
+        with torch.inference_mode():
+            logits = model(input_ids=x).logits
+        fwd += t()
+        t = Timer()
+        encode(logits, x, fmt="sampled", samples=samples, capture_temperature=1.0, vocab_size=vocab_size,
+               generator=gen)
+        enc += t()
+        tokens += x.numel()
+    return {"tokens": tokens, "seconds": fwd + enc, "forward_s": fwd, "encode_s": enc,
+            "tokens_per_s": tokens / (fwd + enc), "threads": threads}
+
+
+def stage_breakdown(cfg, store, info, batches: list[np.ndarray]) -> dict:
+    """In-process costs of each stage of the pass (1 thread, like one replica), for the profile."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raydistill.data import DOCS_PER_BATCH, tokenize_and_pack
+    from raydistill.models import load_causal_lm
+    from raydistill.store import SoftTargetStore
+    from raydistill.targets import build_table, encode
+
+    torch.set_num_threads(1)
+    texts = pq.read_table(cfg.data.path).column("text").to_pylist()[: cfg.data.max_rows]
+    kw = dict(tokenizer_path=cfg.teacher.model, trust_remote_code=False, text_column="text",
+              seq_len=cfg.data.seq_len, eos_id=info.eos_token_id or 0)
+    tokenize_and_pack({"text": texts[:1]}, **kw)  # loads the tokenizer: not counted
+    t = Timer()
+    for lo in range(0, len(texts), DOCS_PER_BATCH):
+        tokenize_and_pack({"text": texts[lo:lo + DOCS_PER_BATCH]}, **kw)
+    tok_s = t()
+    model = load_causal_lm(cfg.teacher.model)
+    gen = torch.Generator().manual_seed(0)
+    fwd = enc = write = 0.0
+    tokens = 0
+    scratch = SoftTargetStore(os.path.join(os.path.dirname(store.uri), "breakdown-store"))
+    per_shard = max(1, cfg.targets.shard_rows // cfg.teacher.batch_size)
+    for i in range(0, len(batches), per_shard):
+        cols: dict = {}
+        ids = np.concatenate(batches[i:i + per_shard])
+        for b in batches[i:i + per_shard]:
+            x = torch.from_numpy(b)
+            t = Timer()
+            with torch.inference_mode():
+                logits = model(input_ids=x).logits
+            fwd += t()
+            t = Timer()
+            for k, v in encode(logits, x, fmt="sampled", samples=50, vocab_size=info.vocab_size,
+                               generator=gen).items():
+                cols.setdefault(k, []).extend(v)
+            enc += t()
+            tokens += x.numel()
+        t = Timer()
+        table = build_table(cols, seq_id=np.arange(len(ids)), input_ids=ids, policy_version=-1, fmt="sampled",
+                            vocab_size=info.vocab_size)
+        scratch.write_shard(f"b{i:05d}", 1, table)
+        write += t()
+    shutil.rmtree(scratch.uri, ignore_errors=True)
+    total = tok_s + fwd + enc + write
+    return {"tokens": tokens, "tokenize_s": tok_s, "forward_s": fwd, "encode_s": enc, "table_write_s": write,
+            "one_thread_total_s": total, "one_thread_tokens_per_s": tokens / total,
+            "share": {k: round(v / total, 3) for k, v in
+                      (("tokenize", tok_s), ("forward", fwd), ("encode", enc), ("table+write", write))}}
+
+
+def run_rows_1_2(sizes, assets: dict, work: str, details: dict) -> list[Row]:
+    from raydistill.data import build_inputs
+    from raydistill.pipeline import open_store, preflight, score_pending
+    from raydistill.teacher import run_teacher_pass
+
+    n = cores()
+    cfg = bench_config(sizes, teacher=assets["teacher"], corpus=assets["corpus"],
+                       out_dir=os.path.join(work, "row1"), name="row1")
+    info = preflight(cfg)
+    store = open_store(cfg, info)
+
+    log(f"row 1: teacher pass (build_inputs + score_pending), {n} replicas x 1 CPU")
+    t = Timer()
+    inputs = build_inputs(cfg, store, info)
+    t_inputs = t()
+    stats = score_pending(cfg, store, info)
+    wall = t()
+    tokens = stats["tokens"]
+    pipe = {"tokens": tokens, "wall_s": wall, "inputs_s": t_inputs, "pass_s": stats["seconds"],
+            "tokens_per_s": tokens / wall, "shards": stats["shards"], "replicas": stats["replicas"],
+            "train_rows": inputs["train_rows"], "docs": inputs["docs"],
+            "store_bytes_per_token": stats["bytes"] / tokens}
+    log(f"row 1: pipeline {tokens} tokens in {wall:.1f}s ({pipe['tokens_per_s']:,.0f} tok/s); plain loop next")
+    batches = _input_batches(store, cfg.teacher.batch_size)
+    plain = plain_teacher_loop(cfg.teacher.model, batches, vocab_size=info.vocab_size, threads=n)
+    assert plain["tokens"] == tokens, (plain["tokens"], tokens)
+    log(f"row 1: plain loop {plain['tokens_per_s']:,.0f} tok/s ({n} threads)")
+    breakdown = stage_breakdown(cfg, store, info, batches)
+
+    # Row 2: the same shards re-scored (new versions), 1 / 2 / N replicas.
+    counts = sorted(set(sizes.replicas) | {n})
+    cfg = bench_config(sizes, teacher=assets["teacher"], corpus=assets["corpus"], out_dir=os.path.join(work, "row1"),
+                       name="row1", **{"teacher.replicas": max(counts)})
+    passes = {}
+    for r in counts:
+        commits: list[float] = []
+        start = time.perf_counter()
+        res = run_teacher_pass(cfg, store, store.shard_ids(), vocab_size=info.vocab_size,
+                               teacher_rev=info.teacher_rev, step=0, source="bench", seed=r,
+                               max_replicas=r, on_commit=lambda *_: commits.append(time.perf_counter() - start))
+        # cfg.teacher.replicas caps the pool too; run_teacher_pass takes min(replicas, max_replicas)
+        passes[r] = {"tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"], "replicas": res["replicas"],
+                     "first_commit_s": commits[0] if commits else None, "shards": res["shards"]}
+        log(f"row 2: {r} replica(s): {res['tokens_per_s']:,.0f} tok/s in {res['seconds']:.1f}s "
+            f"(pool {res['replicas']}, first commit after {passes[r]['first_commit_s']:.1f}s)")
+    details["row1"] = {"pipeline": pipe, "plain": plain, "breakdown": breakdown}
+    details["row2"] = passes
+
+    ratio = pipe["tokens_per_s"] / plain["tokens_per_s"]
+    note = (f"{tokens:,} tokens; pipeline wall {wall:.1f}s = inputs {t_inputs:.1f}s + pass {stats['seconds']:.1f}s; "
+            f"plain fwd {plain['forward_s']:.1f}s + encode {plain['encode_s']:.1f}s")
+    if n <= 2:
+        note += "; 2 cores: replicas can only split the cores the plain loop already uses, so the Ray start-up, " \
+                "tokenize and write costs are not hidden (< 1 expected)"
+    rows = [Row("1", "teacher pass vs plain fwd+encode loop", plain["tokens_per_s"], pipe["tokens_per_s"],
+                "tok/s", ratio, ">= 1.0 (multi-core)", judge(ratio, ">=", 1.0), note)]
+    one = passes[counts[0]]["tokens_per_s"]
+    for r in counts[1:]:
+        label = f"{r} replicas vs 1" + (" (N = cores)" if r == n else "")
+        rows.append(Row("2", label, one, passes[r]["tokens_per_s"], "tok/s", passes[r]["tokens_per_s"] / one,
+                        f"info (ideal {min(r, n)}.0)", "info",
+                        f"pass {passes[r]['seconds']:.1f}s vs {passes[counts[0]]['seconds']:.1f}s; first commit "
+                        f"{passes[r]['first_commit_s']:.1f}s" + ("; more replicas than cores" if r > n else "")))
+    return rows

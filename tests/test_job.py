@@ -1,0 +1,467 @@
+"""The job users run, end to end, in real processes: `ray job submit` to a real head on loopback,
+and a driver killed with SIGKILL then started again.
+
+Process hygiene. This machine is shared with other people's Ray clusters running as the same
+user, so nothing here may use `ray stop` (it stops *every* local Ray process of the user) or kill
+by name. Every process a test starts gets two things in its environment, which every Ray process
+below it inherits (gcs, raylet, dashboard, agents, workers, job drivers):
+
+* ``RAY_TMPDIR`` = a private short directory: Ray's temp dir, sockets and, above all, its
+  ``ray_current_cluster`` file live there, so nobody else's ``ray.init()`` finds and joins our
+  head, and our drivers never join theirs (socket paths must stay under ~107 characters, hence a
+  short ``/tmp/rd…`` directory rather than pytest's long ``tmp_path``);
+* ``RAYDISTILL_TEST_MARKER`` = a fresh uuid: teardown finds exactly our processes by reading
+  ``/proc/<pid>/environ`` and kills them by pid.
+
+The tests don't use the ``ray_session`` fixture and don't import Ray in the test process for the
+cluster work: they work the same whether or not another test already started a Ray here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from contextlib import contextmanager
+
+import pytest
+import yaml
+
+import tiny
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)  # the venv's bin: python and ray with the project installed
+MARKER_VAR = "RAYDISTILL_TEST_MARKER"
+
+
+# ---------------------------------------------------------------- processes we start, and only those
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Pids of live processes whose environment carries our marker (never this process)."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and state != b"Z":
+            pids.append(int(name))
+    return pids
+
+
+def describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{pid}: {cmdline[:160]}")
+        except OSError:
+            pass
+    return out
+
+
+def wait_gone(marker: str, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = marked_pids(marker)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.5)
+
+
+def kill_marked(marker: str, timeout: float = 30.0) -> list[str]:
+    """SIGKILL every process carrying our marker, by pid; returns what had to be killed."""
+    killed = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = marked_pids(marker)
+        if not left:
+            return killed
+        killed += describe(left)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"processes of marker {marker} survive SIGKILL: {describe(left)}")
+        time.sleep(0.5)
+
+
+@contextmanager
+def private_ray_env(prefix: str = "rd"):
+    """An environment for processes we start: venv first on PATH, private Ray temp dir, marker.
+
+    Teardown kills whatever still carries the marker and removes the temp dir, test failed or not."""
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS etc.
+    env.update({
+        "PATH": BIN + os.pathsep + env.get("PATH", ""),
+        "RAY_TMPDIR": temp,
+        MARKER_VAR: marker,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray server on 127.0.0.1
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("PYTHONPATH", None)
+    try:
+        yield env, marker, temp
+    finally:
+        try:
+            leftovers = kill_marked(marker)
+            if leftovers:
+                print("killed leftover processes:\n  " + "\n  ".join(leftovers))
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def tail(path, n: int = 6000) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-n:]
+    except OSError as e:
+        return f"<{path}: {e}>"
+
+
+# ---------------------------------------------------------------- a tiny run's inputs
+
+def tiny_assets(root, *, n_docs: int = 200, n_embd: int = 32):
+    tok = tiny.make_tokenizer(str(root / "tokenizer"))
+    tiny.make_gpt2(str(root / "teacher"), tok, n_layer=2, n_embd=n_embd, seed=1)
+    corpus = tiny.write_corpus(str(root / "corpus.parquet"), tiny.corpus_texts(n_docs))
+    return root / "teacher", corpus
+
+
+def write_config(path, *, name, teacher, corpus, output_dir, **train) -> str:
+    cfg = {
+        "run": {"name": name, "output_dir": str(output_dir), "seed": 0},
+        "data": {"path": str(corpus), "seq_len": 16, "eval_fraction": 0.1},
+        "teacher": {"model": str(teacher), "replicas": 1, "cpus_per_replica": 0.5, "batch_size": 16},
+        "targets": {"format": "sampled", "samples": 50, "shard_rows": 40},
+        "student": {"init_from_teacher": {"n_layer": 1}},
+        "train": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 16, "max_steps": 6,
+                  "checkpoint_every": 3, "log_every": 1, "warmup_steps": 2, "lr": 3e-3, **train},
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_outputs(out, report, *, steps: int) -> dict:
+    """What every finished run must leave behind; returns the store manifest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    assert report["train"]["steps"] == steps and report["train"]["total_steps"] == steps
+    assert math.isfinite(report["train"]["final_loss"])
+    ev = report["eval"]
+    assert ev["eval_sequences"] > 0
+    for label in ("student", "teacher"):
+        assert math.isfinite(ev[label]["ce"]) and ev[label]["ce"] > 0, ev
+    assert math.isfinite(ev["student"]["kl_teacher_student"]) and ev["student"]["kl_teacher_student"] >= 0
+    assert 0.0 <= ev["student"]["top1_agreement"] <= 1.0
+
+    student_dir = os.path.join(out, "student")
+    assert report["outputs"]["student"] == student_dir
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    assert model.config.n_layer == 1 and model.config.vocab_size == len(tok)
+    ids = tok("the cat sat on a mat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+    manifest = load_json(os.path.join(out, "targets", "manifest.json"))
+    train_rows = sum(s["rows"] for s in manifest["inputs"]["shards"].values())
+    assert train_rows == report["inputs"]["train_rows"] > 0
+    current = {sid: e["versions"][str(e["current"])] for sid, e in manifest["shards"].items()}
+    assert set(current) == set(manifest["inputs"]["shards"])
+    assert sum(r["rows"] for r in current.values()) == train_rows
+    for sid, rec in current.items():
+        assert rec["rows"] == manifest["inputs"]["shards"][sid]["rows"]
+        assert os.path.exists(os.path.join(out, "targets", rec["path"]))
+    return manifest
+
+
+# ---------------------------------------------------------------- 1. ray job submit to a real head
+
+@contextmanager
+def ray_head(env, marker, temp, logs_dir):
+    """A real `ray start --head --block` on loopback, in its own session; stopped by pid at exit.
+
+    `--block` keeps `ray start` in the foreground as the parent of gcs/raylet/dashboard: SIGTERM to
+    it shuts those down gracefully; the marker sweep of `private_ray_env` catches the rest."""
+    (gcs, dash, metrics, client, agent_http, agent_grpc, env_agent,
+     node_mgr, obj_mgr) = free_ports(9)
+    cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=8",
+           "--object-store-memory=200000000", f"--temp-dir={temp}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+           f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}",
+           f"--object-manager-port={obj_mgr}", "--disable-usage-stats"]
+    log_path = os.path.join(logs_dir, "ray-head.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = {"dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
+            "gcs": f"127.0.0.1:{gcs}", "log": log_path, "proc": proc}
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # the Jobs API answers once the dashboard is up
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{tail(log_path)}")
+            try:
+                with urllib.request.urlopen(head["dashboard"] + "/api/version", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the head's dashboard did not come up:\n{tail(log_path)}")
+            time.sleep(1)
+        yield head
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        log.close()
+        # What a graceful stop left running (the caller's sweep kills it; the test reports it).
+        head["leftover"] = describe(wait_gone(marker, 30))
+
+
+class MetricsScraper(threading.Thread):
+    """Scrapes the head's Prometheus endpoint every second and keeps every raydistill sample seen
+    (export is periodic, and a finished driver's series need not outlive it)."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.samples, self.scrapes = url, {}, 0
+        self.stop = threading.Event()
+
+    def scrape(self) -> None:
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return
+        self.scrapes += 1
+        for line in text.splitlines():
+            if line.startswith("ray_raydistill_"):
+                series, _, value = line.rpartition(" ")
+                self.samples[series] = float(value)
+
+    def run(self):
+        while not self.stop.is_set():
+            self.scrape()
+            self.stop.wait(1.0)
+
+    def find(self, name: str, **labels) -> list[float]:
+        want = [f'{k}="{v}"' for k, v in labels.items()]
+        return [v for s, v in self.samples.items()
+                if s.split("{")[0] in (name, name + "_total") and all(w in s for w in want)]
+
+
+def test_job_submit_on_loopback_head(tmp_path):
+    teacher, corpus = tiny_assets(tmp_path)
+    out = tmp_path / "out"
+    name = f"job-{uuid.uuid4().hex[:8]}"
+    steps = 6
+    config = write_config(tmp_path / "run.yaml", name=name, teacher=teacher, corpus=corpus,
+                          output_dir=out, max_steps=steps, checkpoint_every=3)
+    with private_ray_env() as (env, marker, temp), ray_head(env, marker, temp, str(tmp_path)) as head:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        scraper = MetricsScraper(head["metrics"])
+        scraper.start()
+        try:
+            sub_id = f"raydistill-{name}"
+            excludes = json.dumps({"excludes": [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache",
+                                                ".hypothesis", "*.egg-info"]})
+            submit = subprocess.run(
+                [os.path.join(BIN, "ray"), "job", "submit", "--address", head["dashboard"],
+                 "--submission-id", sub_id, "--no-wait", "--working-dir", ROOT, "--runtime-env-json", excludes,
+                 "--", "python", "jobs/distill.py", "--config", config],
+                env=env, capture_output=True, text=True, timeout=300)
+            assert submit.returncode == 0, submit.stdout + submit.stderr
+
+            client = JobSubmissionClient(head["dashboard"])
+            deadline = time.monotonic() + 840
+            while True:
+                status = client.get_job_status(sub_id)
+                if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                    break
+                if time.monotonic() > deadline:
+                    client.stop_job(sub_id)
+                    break
+                time.sleep(2)
+            logs = client.get_job_logs(sub_id)
+            if status != JobStatus.SUCCEEDED:
+                pytest.fail(f"job {sub_id} ended {status}:\n{logs[-8000:]}\n--- head:\n{tail(head['log'])}")
+            info = client.get_job_info(sub_id)
+            assert info.entrypoint.endswith(f"jobs/distill.py --config {config}")
+            assert f"raydistill: run {name!r} finished" in logs
+
+            report = load_json(out / "report.json")
+            assert report["run"]["name"] == name and report["run"]["output_dir"] == str(out)
+            manifest = check_outputs(str(out), report, steps=steps)
+            train_rows = report["inputs"]["train_rows"]
+            assert all(e["current"] == 1 for e in manifest["shards"].values())
+            assert report["teacher_passes"][0]["rows"] == train_rows
+
+            # Prometheus: metrics recorded by the job's driver (teacher rows) and by the rank-0
+            # train worker (loss, step) reach the head's endpoint, tagged with the run's name.
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline and not (
+                    scraper.find("ray_raydistill_teacher_rows", run=name)
+                    and scraper.find("ray_raydistill_train_step", run=name)
+                    and scraper.find("ray_raydistill_train_loss", run=name)):
+                time.sleep(1)
+        finally:
+            scraper.stop.set()
+            scraper.join(timeout=10)
+        assert scraper.scrapes > 0, f"{head['metrics']} never answered"
+        assert scraper.find("ray_raydistill_teacher_rows", run=name, source="initial") == [float(train_rows)], \
+            scraper.samples
+        assert scraper.find("ray_raydistill_teacher_tokens", run=name, source="initial") == [float(train_rows * 16)]
+        assert max(scraper.find("ray_raydistill_train_step", run=name)) == steps, scraper.samples
+        loss = scraper.find("ray_raydistill_train_loss", run=name)
+        assert loss and all(math.isfinite(v) and v > 0 for v in loss)
+        assert scraper.find("ray_raydistill_train_tokens_per_s", run=name)
+
+    # SIGTERM to `ray start --block` took the head and everything under it down by itself.
+    assert head["leftover"] == [], head["leftover"]
+    assert marked_pids(marker) == []
+
+
+# ---------------------------------------------------------------- 2. SIGKILL the driver, run it again
+
+def snapshot_path(out, name) -> str:
+    return os.path.join(out, "checkpoints", f"{name}-student", "checkpoint_manager_snapshot.json")
+
+
+def registered_step(out, name) -> int | None:
+    """Step of the newest checkpoint Ray Train has registered (what a new fit resumes from)."""
+    try:
+        snap = load_json(snapshot_path(out, name))
+    except (OSError, ValueError):
+        return None
+    latest = snap.get("latest_checkpoint_result")
+    return None if not latest else int(latest["metrics"]["step"])
+
+
+def run_driver(config, env, log_path, timeout):
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "jobs/distill.py", "--config", config], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"driver did not finish within {timeout} s:\n{tail(log_path)}")
+
+
+def test_driver_sigkill_then_rerun_resumes(tmp_path):
+    teacher, corpus = tiny_assets(tmp_path, n_docs=400, n_embd=64)
+    out = tmp_path / "out"
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    steps, every = 120, 4
+    config = write_config(tmp_path / "run.yaml", name=name, teacher=teacher, corpus=corpus, output_dir=out,
+                          max_steps=steps, checkpoint_every=every, log_every=4)
+    first_log = tmp_path / "first.log"
+
+    with private_ray_env() as (env, marker, temp):
+        with open(first_log, "w") as log:
+            proc = subprocess.Popen([sys.executable, "jobs/distill.py", "--config", config], cwd=ROOT,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 720
+            while registered_step(out, name) is None:
+                if proc.poll() is not None:
+                    pytest.fail(f"driver exited ({proc.returncode}) before its first checkpoint:\n"
+                                f"{tail(first_log)}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no checkpoint registered in time:\n{tail(first_log)}")
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the driver and its process group, no warning
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the driver finished before it could be killed"
+
+        # The local cluster a driver starts goes down with it: gcs/raylet share its process group
+        # (and die with their parent), workers exit when their raylet is gone.
+        survivors = wait_gone(marker, 60)
+        assert survivors == [], f"Ray processes outlived the killed driver: {describe(survivors)}"
+
+        killed_at = registered_step(out, name)
+        assert every <= killed_at < steps and killed_at % every == 0, killed_at
+        assert not os.path.exists(out / "report.json")
+        manifest_path = out / "targets" / "manifest.json"
+        before = load_json(manifest_path)
+        assert before["shards"] and all(e["current"] == 1 for e in before["shards"].values())
+
+        second_log = tmp_path / "second.log"
+        rc = run_driver(config, env, second_log, timeout=840)
+        assert rc == 0, tail(second_log)
+
+    log2 = tail(second_log, 10**7)
+    assert "teacher pass over" not in log2                     # nothing was scored again
+    assert f"resumed from checkpoint at step {killed_at}" in log2
+    report = load_json(out / "report.json")
+    assert report["train"]["resumed_from_step"] == killed_at
+    assert report["teacher_passes"] == []
+    after = check_outputs(str(out), report, steps=steps)
+    assert set(after["shards"]) == set(before["shards"])
+    for sid, entry in after["shards"].items():
+        assert entry["current"] == 1 and list(entry["versions"]) == ["1"], (sid, entry)
+        old, new = before["shards"][sid]["versions"]["1"], entry["versions"]["1"]
+        assert (new["created"], new["checksum"], new["rows"]) == (old["created"], old["checksum"], old["rows"])
+    history = report["history"]["student"]
+    assert history[-1]["step"] == steps
+    assert any(h["step"] <= killed_at for h in history)        # history carried over from the checkpoint

@@ -1,0 +1,222 @@
+"""Refresh scheduler: policy logic stepped with no cluster, then the actor beside real DDP training."""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raydistill.config import Config, RefreshConfig, RunConfig
+from raydistill.scheduler import (RefreshDecision, RefreshScheduler, RoundRobin, Random, bound_steps,
+                                  shards_per_decision)
+from raydistill.store import SoftTargetStore
+
+# ------------------------------------------------------------------ no cluster: a store and fake passes
+
+
+def make_cfg(policy="round_robin", fraction=0.25, every=4, seed=0, name="sched-unit"):
+    cfg = Config()
+    cfg.run = RunConfig(name=name)
+    cfg.refresh = RefreshConfig(policy=policy, fraction=fraction, every_steps=every, seed=seed)
+    return cfg
+
+
+def make_store(path, n_shards=8) -> SoftTargetStore:
+    """A store with n shards whose first version comes from the initial pass (produced_at_step -1)."""
+    store = SoftTargetStore.open(str(path), tokenizer={"name": "t", "vocab_size": 10, "hash": "h"},
+                                 targets={"format": "sampled", "samples": 4, "capture_temperature": 1.0})
+    ids = [f"{i:05d}" for i in range(n_shards)]
+    store.record_inputs({sid: {"input": f"inputs/train/{sid}.parquet", "rows": 10} for sid in ids}, None, {})
+    for sid in ids:
+        fake_commit(store, sid, -1)
+    return store
+
+
+def fake_commit(store, sid, step):
+    version = store.next_version(sid)
+    w = store.write_shard(sid, version, pa.table({"seq_id": pa.array([int(sid)], pa.int64())}))
+    store.commit(sid, version, {"rows": 10, "checksum": w["checksum"], "bytes": w["bytes"], "teacher_rev": "r",
+                                "format": "sampled", "params": {}, "produced_at_step": step,
+                                "policy_version": -1})
+
+
+def instant_pass(store=None, log=None):
+    """A pass that lands at once (in memory, or committed to `store` for restart tests)."""
+    def run(decision: RefreshDecision, on_commit):
+        if log is not None:
+            log.append(decision)
+        for sid in decision.shard_ids:
+            if store is not None:
+                fake_commit(store, sid, decision.step)
+            on_commit(sid, {"produced_at_step": decision.step})
+        return {"rows": 10 * len(decision.shard_ids), "tokens": 160 * len(decision.shard_ids), "complete": True}
+    return run
+
+
+def simulate(tmp_path, *, policy="round_robin", fraction=0.25, every=4, n_shards=8, steps=200, seed=0):
+    store = make_store(tmp_path / f"store-{policy}-{fraction}-{n_shards}", n_shards)
+    log = []
+    sched = RefreshScheduler(make_cfg(policy, fraction, every, seed), store, run_pass=instant_pass(log=log),
+                             background=False, persist_every_s=1e9)
+    for step in range(1, steps + 1):
+        sched.on_step(step)
+    return sched, log
+
+
+def test_round_robin_picks_the_oldest_ceil_fraction_shards():
+    ages = {"a": 5, "b": 9, "c": 9, "d": None, "e": 1, "f": 7, "g": 0, "h": 3, "i": 2, "j": 8}
+    k = shards_per_decision(0.25, len(ages))
+    assert k == 3                                           # ceil(0.25 * 10)
+    assert RoundRobin().select(ages, k, step=12) == ["d", "b", "c"]   # no version first, ties by id
+    assert RoundRobin().select(ages, 5, step=12) == ["d", "b", "c", "j", "f"]
+    assert shards_per_decision(0.3, 7) == 3 and shards_per_decision(0.01, 7) == 1
+    assert bound_steps(0.25, 5) == 20 and bound_steps(0.3, 4) == 16 and bound_steps(0.1, 3) == 30
+    chosen = Random(3).select(ages, k, step=12)
+    assert len(set(chosen)) == 3 and chosen == Random(3).select(ages, k, step=12)  # seeded by (seed, step)
+
+
+@pytest.mark.parametrize("n_shards,fraction,every", [(8, 0.25, 4), (10, 0.25, 3), (7, 0.3, 5), (9, 0.5, 2)])
+def test_round_robin_bound_is_exact(tmp_path, n_shards, fraction, every):
+    sched, log = simulate(tmp_path, fraction=fraction, every=every, n_shards=n_shards, steps=30 * every)
+    st = sched.status()
+    bound = math.ceil(round(1 / fraction, 9)) * every
+    assert st["bound_steps"] == bound
+    assert [d.step for d in log] == list(range(every, 30 * every + 1, every))       # every S steps
+    assert all(len(d.shard_ids) == shards_per_decision(fraction, n_shards) for d in log)
+    assert all(p is not None and p >= 0 for p in sched.produced.values())           # all refreshed
+    ages = [a["max_age"] for a in st["ages"]]
+    assert len(ages) == 30 * every and max(ages) <= bound
+    if (1 / fraction).is_integer() and n_shards * fraction == int(n_shards * fraction):
+        assert max(ages) == bound    # tight: the last initial shards wait ceil(1/f) decisions
+    assert st["max_age_seen"] == max(ages) and st["passes"] == 30 and st["max_latency_steps"] == 0
+
+
+def test_random_policy_has_a_longer_tail(tmp_path):
+    steps, every = 2000, 4
+    rr, _ = simulate(tmp_path, policy="round_robin", every=every, steps=steps)
+    rnd, log = simulate(tmp_path, policy="random", every=every, steps=steps, seed=0)
+    bound = bound_steps(0.25, every)
+    assert rr.status()["max_age_seen"] <= bound
+    assert rnd.status()["max_age_seen"] > bound          # the age tail round robin removes
+    assert rnd.status()["max_age_seen"] >= 2 * bound     # and not by a hair (seed 0: far above)
+    # same mean refresh rate: 2 of 8 shards every 4 steps
+    assert len(log) == steps // every and all(len(d.shard_ids) == 2 for d in log)
+
+
+def test_state_survives_a_restart(tmp_path):
+    store = make_store(tmp_path / "store", 8)
+    cfg = make_cfg(every=3)
+    ref_log, log = [], []
+    ref = RefreshScheduler(cfg, make_store(tmp_path / "ref", 8), run_pass=instant_pass(log=ref_log),
+                           background=False, persist_every_s=1e9)
+    for step in range(1, 61):
+        ref.on_step(step)
+
+    a = RefreshScheduler(cfg, store, run_pass=instant_pass(store, log), background=False, persist_every_s=0)
+    for step in range(1, 32):
+        a.on_step(step)
+    before = a.status()
+    del a                                                 # the actor dies; its memory is gone
+    b = RefreshScheduler(cfg, store, run_pass=instant_pass(store, log), background=False, persist_every_s=0)
+    st = b.status()
+    assert st["restarts"] == 1 and st["passes"] == before["passes"] == 10
+    assert st["last_step"] == 31 and st["ages"] == before["ages"] and st["pass_log"] == before["pass_log"]
+    assert b.produced == {sid: store.current(sid)["produced_at_step"] for sid in store.shard_ids()}
+    b.on_step(31)                                          # a retried call of a step already seen: ignored
+    for step in range(32, 61):
+        b.on_step(step)
+    assert b.status()["passes"] == 20                     # the count continues
+    # same decisions as a scheduler that never restarted
+    assert [(d.step, d.shard_ids) for d in log] == [(d.step, d.shard_ids) for d in ref_log]
+    assert b.status()["ages"] == ref.status()["ages"]
+    assert store.state("scheduler")["passes"] == 20
+
+
+class _Killed(BaseException):
+    """Stands for the actor process dying mid-pass (not an error the scheduler catches)."""
+
+
+def test_pass_interrupted_by_a_restart_is_resumed(tmp_path):
+    store = make_store(tmp_path / "store", 8)
+    cfg = make_cfg(every=4)
+
+    def dies_after_one(decision, on_commit):
+        sid = decision.shard_ids[0]
+        fake_commit(store, sid, decision.step)
+        on_commit(sid, {"produced_at_step": decision.step})
+        raise _Killed()
+
+    a = RefreshScheduler(cfg, store, run_pass=dies_after_one, background=False, persist_every_s=0)
+    for step in (1, 2, 3):
+        a.on_step(step)
+    with pytest.raises(_Killed):
+        a.on_step(4)
+    assert store.state("scheduler")["in_flight"]["shards"] == ["00000", "00001"]
+
+    log = []
+    b = RefreshScheduler(cfg, store, run_pass=instant_pass(store, log), background=False, persist_every_s=0)
+    assert b.status()["phase"] == "resuming"
+    b.on_step(5)
+    assert [d.shard_ids for d in log] == [("00001",)]      # only the shard that had not landed
+    entry = b.status()["pass_log"][-1]
+    assert entry["start_step"] == 4 and entry["shards"] == ["00000", "00001"] and entry["ok"]
+    assert store.current("00001")["produced_at_step"] == 5 and store.state("scheduler")["in_flight"] is None
+    for step in range(6, 9):
+        b.on_step(step)
+    assert [d.shard_ids for d in log][-1] == ("00002", "00003")   # the schedule goes on at step 8
+
+
+def test_failed_pass_is_retried_and_none_policy_never_decides(tmp_path):
+    store = make_store(tmp_path / "store", 4)
+    calls = []
+
+    def flaky(decision, on_commit):
+        calls.append(decision.shard_ids)
+        if len(calls) == 1:
+            raise RuntimeError("teacher replica died")
+        return instant_pass()(decision, on_commit)
+
+    s = RefreshScheduler(make_cfg(fraction=0.5, every=2), store, run_pass=flaky, background=False,
+                         persist_every_s=1e9)
+    for step in range(1, 5):
+        s.on_step(step)
+    assert calls == [("00000", "00001"), ("00000", "00001")]   # the failed shards are still the oldest
+    st = s.status()
+    assert st["failed_passes"] == 1 and st["passes"] == 1 and "teacher replica died" in st["pass_log"][0]["error"]
+
+    none = RefreshScheduler(make_cfg(policy="none", fraction=0.0), make_store(tmp_path / "s2", 4),
+                            run_pass=flaky, background=False, persist_every_s=1e9)
+    assert all(none.on_step(step) is None for step in range(1, 50)) and len(calls) == 2
+    assert none.status()["bound_steps"] is None and none.status()["max_age_seen"] == 49 + 1
+
+
+def test_background_pass_latency_counts_in_steps(tmp_path):
+    """A pass in a thread: training steps go on meanwhile; commit_step is the first step that sees it."""
+    store = make_store(tmp_path / "store", 8)
+    gate = threading.Event()
+
+    def slow(decision, on_commit):
+        gate.wait(10)
+        return instant_pass()(decision, on_commit)
+
+    s = RefreshScheduler(make_cfg(every=4), store, run_pass=slow, background=True, persist_every_s=1e9)
+    s._gc = lambda: None
+    for step in range(1, 8):
+        s.on_step(step)                 # decision at 4; steps 5..7 do not wait and start nothing new
+    assert s.status()["phase"] == "running" and s.status()["passes"] == 0
+    gate.set()
+    s._thread.join(5)
+    entry = s.status()["pass_log"][0]
+    assert (entry["start_step"], entry["commit_step"]) == (4, 8)
+    s.on_step(8)                          # due at 8: a new pass starts at once
+    assert s.status()["phase"] == "running" and s.drain(5) and s.status()["passes"] == 2
+    assert s.on_step(12) is None and s.status()["phase"] == "stopped"   # drained: no new pass
+
+
+# ------------------------------------------------------------------ real Ray
