@@ -74,30 +74,49 @@ def resolve_corpus(data_cfg) -> tuple[object, list[str], str]:
     if len(kinds) > 1:
         raise ConfigError([f"data.path: {path} mixes Parquet and JSONL files — use one format"])
     fmt = kinds.pop()
-    _check_text_column(fs, files[0], fmt, data_cfg.text_column, path)
+    _check_text_column(fs, files, fmt, data_cfg.text_column, path)
     return fs, files, fmt
 
 
-def _check_text_column(fs, first: str, fmt: str, column: str, path: str) -> None:
+def _check_text_column(fs, files: list[str], fmt: str, column: str, path: str) -> None:
+    """The first file that has rows must have the text column; a corpus with no rows is refused.
+
+    Reads Parquet footers / the first non-blank JSONL line, file by file, until one has rows:
+    usually a single small read, and an empty corpus fails here rather than after Ray starts."""
     opener = fs.open if fs is not None else open
-    if fmt == "parquet":
-        with opener(first, "rb") as f:
+    for f_path in files:
+        if fmt == "parquet":
+            with opener(f_path, "rb") as f:
+                try:
+                    meta = pq.ParquetFile(f).metadata
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise ConfigError([f"data.path: {f_path} is not a readable Parquet file ({e}) — "
+                                       "remove or replace it"]) from None
+            if meta.num_rows == 0:
+                continue
+            names = meta.schema.to_arrow_schema().names
+        else:
+            with opener(f_path, "rb") as f:
+                line = b""
+                for line in f:
+                    if line.strip():
+                        break
+            if not line.strip():
+                continue
             try:
-                names = pq.read_schema(f).names
-            except pa.ArrowInvalid as e:
-                raise ConfigError([f"data.path: {first} is not a readable Parquet file ({e})"]) from None
-    else:
-        with opener(first, "rb") as f:
-            line = f.readline()
-        if not line.strip():
-            raise ConfigError([f"data.path: {first} is empty — the corpus needs at least one row"])
-        try:
-            names = list(json.loads(line))
-        except (ValueError, TypeError):
-            raise ConfigError([f"data.path: the first line of {first} is not a JSON object"]) from None
-    if column not in names:
-        raise ConfigError([f"data.text_column: column {column!r} is not in {first} (columns: "
-                           f"{', '.join(names[:10])}) — set data.text_column to the text column"])
+                row = json.loads(line)
+            except (ValueError, TypeError):
+                row = None
+            if not isinstance(row, dict):
+                raise ConfigError([f"data.path: the first line of {f_path} is not a JSON object — "
+                                   "write one JSON object per line (JSONL)"])
+            names = list(row)
+        if column not in names:
+            raise ConfigError([f"data.text_column: column {column!r} is not in {f_path} (columns: "
+                               f"{', '.join(names[:10])}) — set data.text_column to the text column"])
+        return
+    raise ConfigError([f"data.path: {path} holds no rows ({len(files)} file(s), all empty) — "
+                       "point it at a corpus with text"])
 
 
 def corpus_fingerprint(fs, files: list[str], data_cfg, tokenizer_hash: str) -> str:
