@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ev = report.get("eval", {})
     print(f"\nraydistill: run {report['run']['name']!r} finished ({report['run']['mode']})")
-    for label in ("teacher", "student", "hard_label_student"):
+    for label in ("teacher", "student_init", "student", "hard_label_student"):
         if label in ev:
             m = ev[label]
             extra = f", KL(teacher||student) {m['kl_teacher_student']:.4f}, top-1 agreement " \

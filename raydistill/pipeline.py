@@ -137,7 +137,7 @@ def export_student(result, cfg, out_dir: str, name: str) -> str:
 
 
 def _evaluate_task(student_dirs: dict, teacher: str, dtype: str, trust_remote_code: bool,
-                   eval_uri: tuple, batch_size: int, max_rows: int) -> dict:
+                   eval_uri: tuple, batch_size: int, max_rows: int, cfg_dict: dict) -> dict:
     import pyarrow.parquet as pq
 
     from .evaluate import eval_input_ids, evaluate
@@ -148,9 +148,17 @@ def _evaluate_task(student_dirs: dict, teacher: str, dtype: str, trust_remote_co
     table = pq.read_table(store.full_path(eval_uri[1]), filesystem=store.filesystem)
     ids = eval_input_ids(table, max_rows=max_rows)
     teacher_model = load_causal_lm(teacher, dtype=dtype, trust_remote_code=trust_remote_code)
+    from .config import Config
+    from .models import build_student
+
+    cfg = Config.from_dict(cfg_dict, check_paths=False)
+    # The same student before training: the baseline that shows what distillation moved.
+    models = {"student_init": build_student(cfg.student, teacher, trust_remote_code=trust_remote_code,
+                                            seed=cfg.run.seed)}
+    models.update({label: load_causal_lm(path, key=label) for label, path in student_dirs.items()})
     out = {"eval_sequences": int(ids.shape[0])}
-    for label, path in student_dirs.items():
-        res = evaluate(load_causal_lm(path, key=label), teacher_model, ids, batch_size=batch_size)
+    for label, model in models.items():
+        res = evaluate(model, teacher_model, ids, batch_size=batch_size)
         out[label] = res["student"]
         out["teacher"] = res["teacher"]
         out["tokens"] = res["tokens"]
@@ -168,7 +176,8 @@ def evaluate_students(cfg, store, student_dirs: dict, max_rows: int = 512) -> di
                                              resources=dict(t.resources) or None)
     manifest = store.manifest()
     return ray.get(task.remote(student_dirs, os.path.expanduser(t.model), t.dtype, t.trust_remote_code,
-                               (store.uri, manifest["inputs"]["eval"]), t.batch_size, max_rows))
+                               (store.uri, manifest["inputs"]["eval"]), t.batch_size, max_rows,
+                               cfg.to_dict()))
 
 
 def run(cfg) -> dict:

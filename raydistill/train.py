@@ -173,7 +173,7 @@ def train_loop(loop_cfg: dict) -> None:
     from .metrics import RunMetrics
     from .models import build_student, load_causal_lm
 
-    cfg = Config.from_dict(loop_cfg["config"])
+    cfg = Config.from_dict(loop_cfg["config"], check_paths=False)
     t, alpha, label = cfg.train, loop_cfg["alpha"], loop_cfg["label"]
     total_steps, steps_per_epoch = loop_cfg["total_steps"], loop_cfg["steps_per_epoch"]
     ctx = ray.train.get_context()
