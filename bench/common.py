@@ -59,7 +59,7 @@ class Sizes:
     teacher_heads: int = 4
     student: dict = field(default_factory=lambda: {"n_layer": 1, "n_embd": 64, "n_head": 2})
     docs: int = 40                 # corpus rows (data.max_rows) of rows 1-4
-    shard_rows: int = 64
+    shard_rows: int = 32
     teacher_batch: int = 16
     train_batch: int = 16
     train_steps: int = 30          # optimizer steps of each Ray Train fit (row 3 and 4)
@@ -69,28 +69,30 @@ class Sizes:
     replicas: tuple = (1, 2)       # row 2 (plus N = cores)
     # row 5: a 32k-vocabulary teacher, briefly trained
     v32_layers: int = 2
-    v32_embd: int = 64
+    v32_embd: int = 32
     v32_heads: int = 2
-    v32_train_s: float = 60.0
-    v32_train_batch: int = 16
+    v32_train_s: float = 60.0      # training budget (seconds; the result is cached)
+    v32_min_steps: int = 100       # fewer steps (a busy machine) -> not cached, retrained next run
+    v32_train_batch: int = 8
+    v32_lr: float = 1e-2
     v32_student_at: float = 0.2    # the "student" is the teacher's checkpoint at this share of training
-    v32_store_seqs: int = 64       # sequences per measured shard (bytes/token)
-    v32_fid_seqs: int = 16         # sequences for the fidelity measures (dense [n, V] tensors)
+    v32_store_seqs: int = 32       # sequences in the measured shard (bytes/token)
+    v32_fid_seqs: int = 8          # sequences for the fidelity measures (dense [n, V] tensors)
     sampled_n: tuple = (8, 50, 200)
     topk_k: tuple = (8, 32, 128)
     llm_entropy: float = 2.5       # nats: the sharpened-teacher check of row 5
     # row 6: corpus sizes 1x and 4x
-    mem_docs: int = 10
-    mem_steps: int = 10
+    mem_docs: int = 8
+    mem_steps: int = 6
     mem_interval_s: float = 0.2
 
 
 QUICK = Sizes(name="quick")
 FULL = Sizes(name="full", seq_len=128, teacher_layers=4, teacher_embd=256, teacher_heads=4,
-             student={"n_layer": 2, "n_embd": 128, "n_head": 2}, docs=200, shard_rows=128,
+             student={"n_layer": 2, "n_embd": 128, "n_head": 2}, docs=200, shard_rows=64,
              train_steps=120, log_every=10, skip_logs=2, plain_steps=60, replicas=(1, 2, 4),
-             v32_layers=2, v32_embd=128, v32_heads=2, v32_train_s=300.0, v32_store_seqs=256,
-             v32_fid_seqs=32, mem_docs=40, mem_steps=20)
+             v32_layers=2, v32_embd=64, v32_heads=2, v32_train_s=600.0, v32_min_steps=1000, v32_lr=5e-3,
+             v32_store_seqs=128, v32_fid_seqs=16, mem_docs=40, mem_steps=20)
 
 
 # ---------------------------------------------------------------------------------- assets

@@ -116,12 +116,35 @@ def stage_breakdown(cfg, store, info, batches: list[np.ndarray]) -> dict:
                       (("tokenize", tok_s), ("forward", fwd), ("encode", enc), ("table+write", write))}}
 
 
+class CommitClock:
+    """Stands in for `RunMetrics` in a pass: timestamps every commit (the pass calls it per shard)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.commits: list[tuple[float, int]] = []
+
+    def teacher_rows(self, n, source):
+        pass
+
+    def teacher_tokens(self, n, source):
+        self.commits.append((time.perf_counter() - self.start, int(n)))
+
+    def steady(self) -> dict:
+        """Tokens/s between the first and the last commit (actor start-up and model load left out)."""
+        c = sorted(self.commits)
+        first = c[0][0] if c else None
+        if len(c) < 3:
+            return {"first_commit_s": first, "steady_tokens_per_s": None}
+        return {"first_commit_s": first, "steady_tokens_per_s": sum(n for _, n in c[1:]) / (c[-1][0] - c[0][0])}
+
+
 def run_rows_1_2(sizes, assets: dict, work: str, details: dict) -> list[Row]:
     from raydistill.data import build_inputs
     from raydistill.pipeline import open_store, preflight, score_pending
     from raydistill.teacher import run_teacher_pass
 
     n = cores()
+    counts = sorted(set(sizes.replicas) | {n})
     cfg = bench_config(sizes, teacher=assets["teacher"], corpus=assets["corpus"],
                        out_dir=os.path.join(work, "row1"), name="row1")
     info = preflight(cfg)
@@ -131,52 +154,65 @@ def run_rows_1_2(sizes, assets: dict, work: str, details: dict) -> list[Row]:
     t = Timer()
     inputs = build_inputs(cfg, store, info)
     t_inputs = t()
-    stats = score_pending(cfg, store, info)
+    clock = CommitClock()
+    stats = score_pending(cfg, store, info, metrics=clock)
     wall = t()
     tokens = stats["tokens"]
     pipe = {"tokens": tokens, "wall_s": wall, "inputs_s": t_inputs, "pass_s": stats["seconds"],
             "tokens_per_s": tokens / wall, "shards": stats["shards"], "replicas": stats["replicas"],
             "train_rows": inputs["train_rows"], "docs": inputs["docs"],
-            "store_bytes_per_token": stats["bytes"] / tokens}
-    log(f"row 1: pipeline {tokens} tokens in {wall:.1f}s ({pipe['tokens_per_s']:,.0f} tok/s); plain loop next")
+            "store_bytes_per_token": stats["bytes"] / tokens, **clock.steady()}
+    log(f"row 1: pipeline {tokens} tokens in {wall:.1f}s ({pipe['tokens_per_s']:,.0f} tok/s; inputs {t_inputs:.1f}s, "
+        f"first commit {pipe['first_commit_s']:.1f}s into the pass); plain loop next")
     batches = _input_batches(store, cfg.teacher.batch_size)
     plain = plain_teacher_loop(cfg.teacher.model, batches, vocab_size=info.vocab_size, threads=n)
     assert plain["tokens"] == tokens, (plain["tokens"], tokens)
     log(f"row 1: plain loop {plain['tokens_per_s']:,.0f} tok/s ({n} threads)")
     breakdown = stage_breakdown(cfg, store, info, batches)
 
-    # Row 2: the same shards re-scored (new versions), 1 / 2 / N replicas.
-    counts = sorted(set(sizes.replicas) | {n})
-    cfg = bench_config(sizes, teacher=assets["teacher"], corpus=assets["corpus"], out_dir=os.path.join(work, "row1"),
-                       name="row1", **{"teacher.replicas": max(counts)})
-    passes = {}
+    # Row 2: the same shards re-scored (new versions) with 1 (and N, ...) replicas; row 1's pass
+    # already scored them with N = cores replicas.
+    passes = {n: {"tokens_per_s": stats["tokens_per_s"], "seconds": stats["seconds"], "replicas": stats["replicas"],
+                  "shards": stats["shards"], "from": "row 1 pass", **clock.steady()}}
+    cfg_r = bench_config(sizes, teacher=assets["teacher"], corpus=assets["corpus"],
+                         out_dir=os.path.join(work, "row1"), name="row1", **{"teacher.replicas": max(counts)})
     for r in counts:
-        commits: list[float] = []
-        start = time.perf_counter()
-        res = run_teacher_pass(cfg, store, store.shard_ids(), vocab_size=info.vocab_size,
-                               teacher_rev=info.teacher_rev, step=0, source="bench", seed=r,
-                               max_replicas=r, on_commit=lambda *_: commits.append(time.perf_counter() - start))
-        # cfg.teacher.replicas caps the pool too; run_teacher_pass takes min(replicas, max_replicas)
+        if r in passes:
+            continue
+        clock_r = CommitClock()
+        res = run_teacher_pass(cfg_r, store, store.shard_ids(), vocab_size=info.vocab_size,
+                               teacher_rev=info.teacher_rev, step=0, source="bench", seed=r, max_replicas=r,
+                               metrics=clock_r)
         passes[r] = {"tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"], "replicas": res["replicas"],
-                     "first_commit_s": commits[0] if commits else None, "shards": res["shards"]}
-        log(f"row 2: {r} replica(s): {res['tokens_per_s']:,.0f} tok/s in {res['seconds']:.1f}s "
-            f"(pool {res['replicas']}, first commit after {passes[r]['first_commit_s']:.1f}s)")
+                     "shards": res["shards"], **clock_r.steady()}
+    for r in counts:
+        p = passes[r]
+        log(f"row 2: {r} replica(s): {p['tokens_per_s']:,.0f} tok/s over the pass ({p['seconds']:.1f}s), "
+            f"{p['steady_tokens_per_s'] or float('nan'):,.0f} tok/s after the first commit at {p['first_commit_s']:.1f}s")
     details["row1"] = {"pipeline": pipe, "plain": plain, "breakdown": breakdown}
     details["row2"] = passes
 
     ratio = pipe["tokens_per_s"] / plain["tokens_per_s"]
-    note = (f"{tokens:,} tokens; pipeline wall {wall:.1f}s = inputs {t_inputs:.1f}s + pass {stats['seconds']:.1f}s; "
-            f"plain fwd {plain['forward_s']:.1f}s + encode {plain['encode_s']:.1f}s")
+    steady = pipe["steady_tokens_per_s"]
+    note = (f"{tokens:,} tokens; wall {wall:.1f}s = inputs (Ray Data tokenize) {t_inputs:.1f}s + pass "
+            f"{stats['seconds']:.1f}s, of which {pipe['first_commit_s']:.1f}s to the first commit (actor start, "
+            f"model load, first shard)")
+    if steady:
+        note += f"; after the first commit the pass runs at {steady:,.0f} tok/s = {steady / plain['tokens_per_s']:.2f} of plain"
     if n <= 2:
-        note += "; 2 cores: replicas can only split the cores the plain loop already uses, so the Ray start-up, " \
+        note += "; 2 cores: replicas can only split the cores the plain loop already uses, so start-up, " \
                 "tokenize and write costs are not hidden (< 1 expected)"
     rows = [Row("1", "teacher pass vs plain fwd+encode loop", plain["tokens_per_s"], pipe["tokens_per_s"],
                 "tok/s", ratio, ">= 1.0 (multi-core)", judge(ratio, ">=", 1.0), note)]
-    one = passes[counts[0]]["tokens_per_s"]
+    base = passes[counts[0]]
     for r in counts[1:]:
-        label = f"{r} replicas vs 1" + (" (N = cores)" if r == n else "")
-        rows.append(Row("2", label, one, passes[r]["tokens_per_s"], "tok/s", passes[r]["tokens_per_s"] / one,
+        p = passes[r]
+        label = f"{r} replicas vs 1 (steady)" + (" N = cores" if r == n else "")
+        sr = p["steady_tokens_per_s"] / base["steady_tokens_per_s"] \
+            if p["steady_tokens_per_s"] and base["steady_tokens_per_s"] else None
+        rows.append(Row("2", label, base["steady_tokens_per_s"], p["steady_tokens_per_s"], "tok/s", sr,
                         f"info (ideal {min(r, n)}.0)", "info",
-                        f"pass {passes[r]['seconds']:.1f}s vs {passes[counts[0]]['seconds']:.1f}s; first commit "
-                        f"{passes[r]['first_commit_s']:.1f}s" + ("; more replicas than cores" if r > n else "")))
+                        f"whole pass incl. start-up: {p['tokens_per_s']:,.0f} vs {base['tokens_per_s']:,.0f} tok/s "
+                        f"(x{p['tokens_per_s'] / base['tokens_per_s']:.2f}); first commit {p['first_commit_s']:.1f}s vs "
+                        f"{base['first_commit_s']:.1f}s" + ("; more replicas than cores" if r > n else "")))
     return rows

@@ -6,7 +6,9 @@ Row 3  one Ray Train worker (`train.workers=1`, `cpus_per_worker` = cores → to
        optimizer step (AdamW + LambdaLR + grad clipping) and loss (`distill_loss`) over the same
        batches, decoded in memory beforehand. Steady state: the Ray run's logged `tokens_per_s`
        (tokens / time between two log lines) without the first `skip_logs` entries (start-up,
-       first shard reads), combined as a harmonic mean; the plain loop without its first step.
+       first shard reads), combined as a median (robust to bursts of other people's load on a shared
+       machine; the harmonic mean = total tokens / total time is in the JSON too); the plain loop:
+       median step time, without its first (warm-up) step.
        The end-to-end wall of `fit_student` (Ray Train start-up, workers, checkpoint) is reported
        on its own row.
 Row 4  the same fit with `train.online=true` (teacher forward inside every step, dense targets).
@@ -68,7 +70,7 @@ def _step(cfg, model, opt, sched, input_ids, targets) -> float:
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def plain_student_loop(cfg, batches, steps: int, threads: int) -> dict:
@@ -83,9 +85,9 @@ def plain_student_loop(cfg, batches, steps: int, threads: int) -> dict:
         _step(cfg, model, opt, sched, input_ids, targets)
         times.append(t())
     tokens = batches[0][0].numel()
-    steady = times[1:]
-    return {"steps": steps, "step_s_median": median(steady), "tokens_per_step": tokens,
-            "tokens_per_s": tokens * len(steady) / sum(steady), "threads": threads}
+    steady = median(times[1:])  # median: robust to bursts of other load on a shared machine
+    return {"steps": steps, "step_s_median": steady, "step_s_mean": sum(times[1:]) / (steps - 1),
+            "tokens_per_step": tokens, "tokens_per_s": tokens / steady, "threads": threads}
 
 
 def plain_online_loop(cfg, batches, steps: int, threads: int) -> dict:
@@ -111,7 +113,7 @@ def plain_online_loop(cfg, batches, steps: int, threads: int) -> dict:
         t_step.append(t())
     tokens = batches[0][0].numel()
     return {"t_teacher_s": median(t_teacher[1:]), "online_step_s": median(t_step[1:]),
-            "tokens_per_s": tokens * (steps - 1) / sum(t_step[1:])}
+            "tokens_per_s": tokens / median(t_step[1:])}
 
 
 def ray_fit(cfg, store, vocab_size: int, skip_logs: int, profile: str | None = None, delay_s: float = 0.0) -> dict:
@@ -138,7 +140,8 @@ def ray_fit(cfg, store, vocab_size: int, skip_logs: int, profile: str | None = N
     rows = sum(s["rows"] for s in store.manifest()["inputs"]["shards"].values())
     steps_per_epoch, _ = plan_steps(cfg, rows)
     return {"wall_s": wall, "steps": state["step"], "total_steps": total, "history_tokens_per_s": tps,
-            "steady_tokens_per_s": harmonic_mean(tps[skip_logs:]), "steps_per_epoch": steps_per_epoch,
+            "steady_tokens_per_s": median(tps[skip_logs:]), "steady_harmonic_mean": harmonic_mean(tps[skip_logs:]),
+            "steps_per_epoch": steps_per_epoch,
             "epoch_tokens": steps_per_epoch * cfg.train.batch_size * cfg.data.seq_len,
             "final_loss": hist[-1]["loss"] if hist else None,
             "profile": prof.summary if prof else None}

@@ -44,11 +44,13 @@ def check_weights(name_or_path: str, *, allow_pickle_weights: bool, key: str) ->
                          "save_pretrained (or a Hugging Face hub id)")
     safe, pickled = _weight_files(path)
     if not safe and pickled and not allow_pickle_weights:
+        # Only the teacher has an allow_pickle_weights key; the student must be converted.
+        allow = (f", or set {key.rsplit('.', 1)[0]}.allow_pickle_weights=true if you trust the file "
+                 "(loaded with weights_only=True)") if key.startswith("teacher.") else ""
         raise ModelError(
             f"{key}: {path} holds only pickle weights ({os.path.basename(pickled[0])}), which can run "
             f"arbitrary code when loaded — convert them to safetensors (model.save_pretrained(dir, "
-            f"safe_serialization=True)), or set {key.rsplit('.', 1)[0]}.allow_pickle_weights=true "
-            "if you trust the file (loaded with weights_only=True)")
+            f"safe_serialization=True)){allow}")
     if not safe and not pickled:
         raise ModelError(f"{key}: {path} has a config.json but no weight files (*.safetensors) — "
                          "is the download or save incomplete?")
@@ -63,9 +65,13 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, revision:
                                           trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
+            # Only the teacher has a trust_remote_code key (init_from_teacher students follow it).
+            fix = (f"read that code, then set {key.rsplit('.', 1)[0]}.trust_remote_code=true to allow it"
+                   if key.startswith("teacher.") else
+                   "a student.model with custom code is not supported — use a model transformers "
+                   "implements, or student.init_from_teacher")
             raise ModelError(
-                f"{key}: {name_or_path} needs custom code from its repository (trust_remote_code). "
-                f"Read that code, then set {key.rsplit('.', 1)[0]}.trust_remote_code=true to allow it"
+                f"{key}: {name_or_path} needs custom code from its repository (trust_remote_code) — {fix}"
             ) from None
         raise ModelError(f"{key}: cannot read the model config of {name_or_path}: {e}") from None
     except OSError as e:

@@ -70,7 +70,8 @@ def check_resources(cfg, timeout_s: float | None = None) -> None:
     t, tr = cfg.teacher, cfg.train
     teacher = {"CPU": t.cpus_per_replica, "GPU": t.gpus_per_replica, **t.resources}
     worker = {"CPU": tr.cpus_per_worker, "GPU": 1.0 if tr.use_gpu else 0.0, **tr.resources}
-    needs = {"teacher replica (teacher.*)": (teacher, 1 if not tr.online else 0),
+    # Online mode still needs one teacher-shaped slot: evaluation runs in a task placed like a replica.
+    needs = {"teacher replica (teacher.*)": (teacher, 1),
              f"{tr.workers} train worker(s) (train.*)": (worker, max(tr.workers, 1))}
     deadline = time.monotonic() + timeout_s
     while True:
@@ -110,15 +111,17 @@ def score_pending(cfg, store, info, metrics=None) -> dict | None:
     """Initial teacher pass: every shard with no valid current version for this teacher and format."""
     from .teacher import run_teacher_pass, target_params
 
-    for sid, reason in store.verify_all().items():
+    damaged = store.verify_all()
+    for sid, reason in damaged.items():
         print(f"raydistill: shard {sid} is damaged ({reason}); it will be re-scored", flush=True)
         store.invalidate(sid, reason)
     pending = store.pending(info.teacher_rev, target_params(cfg.targets))
     if not pending:
         return None
     print(f"raydistill: teacher pass over {len(pending)} of {len(store.shard_ids())} shards", flush=True)
-    return run_teacher_pass(cfg, store, pending, vocab_size=info.vocab_size, teacher_rev=info.teacher_rev,
-                            step=-1, source="initial", seed=cfg.run.seed, metrics=metrics)
+    stats = run_teacher_pass(cfg, store, pending, vocab_size=info.vocab_size, teacher_rev=info.teacher_rev,
+                             step=-1, source="initial", seed=cfg.run.seed, metrics=metrics)
+    return dict(stats, damaged=damaged)  # {shard_id: reason}: reported in report.json's teacher_passes
 
 
 def export_student(result, cfg, out_dir: str, name: str) -> str:
@@ -216,7 +219,16 @@ def run(cfg) -> dict:
             passes.append(first)
     phase("teacher_pass")
 
-    result, total = fit_student(cfg, store, info.vocab_size, label="student")
+    sched, fit_kw, refresh = None, {}, None
+    if cfg.mode == "mixed":  # the refresh scheduler actor re-scores a fraction of the shards as training goes
+        from .scheduler import finish_scheduler, fit_kwargs, scheduler_name, start_scheduler
+        sched = start_scheduler(cfg, store, info, scheduler_name(cfg), NAMESPACE)
+        fit_kw = fit_kwargs(cfg, scheduler_name(cfg), NAMESPACE)
+    try:
+        result, total = fit_student(cfg, store, info.vocab_size, label="student", **fit_kw)
+    finally:
+        if sched is not None:
+            refresh = finish_scheduler(sched)  # waits for a pass in flight, then stops the actor
     if result.error:
         raise result.error
     state = read_final_state(result)
@@ -250,5 +262,12 @@ def run(cfg) -> dict:
         "eval": evaluation,
         "outputs": {"student": students["student"], "report": os.path.join(out, "report.json")},
     }
+    from .scheduler import teacher_compute
+    t = cfg.train
+    online = state["step"] * max(t.workers, 1) * t.batch_size * t.grad_accum * cfg.data.seq_len
+    report["teacher_compute"] = teacher_compute(passes, refresh, online_tokens=online if t.online else 0)
+    if refresh is not None:
+        report["ages"] = refresh.pop("ages")
+        report["refresh"] = refresh
     report["files"] = write_report(out, report)
     return report

@@ -40,8 +40,8 @@ Durable state (the store manifest, `state.scheduler`; a restarted actor resumes 
      "last_step",          # newest student step seen
      "last_slot",          # schedule slot of the last decision (decisions are due at last_slot + S)
      "max_age_seen", "restarts",
-     "ages":     [{step, max_age, mean_age}],   # thinned to MAX_AGES points, keeping the maxima
-     "pass_log": [{start_step, commit_step, shards, rows, tokens, seconds, source, ...}],
+     "ages":     [[step, max_age, mean_age]],   # thinned to MAX_AGES rows, keeping the maxima
+     "pass_log": [{start_step, commit_step, shards (count), rows, tokens, seconds, source, ok, ...}],
      "in_flight": {start_step, slot, shards, reason} | null}
 
 A pass interrupted by the actor's death is resumed by the restarted actor over the shards it had
@@ -57,11 +57,12 @@ from dataclasses import dataclass
 
 __all__ = ["RefreshDecision", "RefreshScheduler", "RoundRobin", "Random", "make_policy", "bound_steps",
            "shards_per_decision", "start_scheduler", "scheduler_status", "drain", "stop_scheduler",
-           "fit_kwargs", "scheduler_name", "teacher_compute"]
+           "finish_scheduler", "fit_kwargs", "scheduler_name", "teacher_compute"]
 
 STATE_KEY = "scheduler"
-MAX_AGES = 4096        # age records kept (older ones are thinned, keeping the larger max_age)
-MAX_PASS_LOG = 2000    # pass log entries kept (the counters keep counting)
+# The state is rewritten with the manifest at every decision: keep it small whatever the run length.
+MAX_AGES = 2048        # age records kept (older ones are thinned, keeping the larger max_age)
+MAX_PASS_LOG = 500     # pass log entries kept (the counters keep counting)
 REORDER_WINDOW = 8     # an on_step this far behind the newest is a late delivery, further is a rewind
 
 
@@ -277,7 +278,7 @@ class RefreshScheduler:
             self.state["last_step"] = step
             self.phase, decision = self.phase.on_step(self, step)
             self._record_ages(step)
-            self._persist(force=decision is not None)
+            self._persist()  # a decision was persisted when it launched
             return decision
 
     def _launch(self, decision: RefreshDecision, *, start_step: int, original=None):
@@ -327,7 +328,7 @@ class RefreshScheduler:
         st = self.state
         ok = not stats.get("error") and stats.get("complete", True)
         entry = {"start_step": int(in_flight["start_step"]), "commit_step": int(commit_step),
-                 "shards": list(in_flight["shards"]), "rows": int(stats.get("rows", 0)),
+                 "shards": len(in_flight["shards"]), "rows": int(stats.get("rows", 0)),
                  "tokens": int(stats.get("tokens", 0)), "seconds": round(float(stats.get("seconds", 0.0)), 3),
                  "source": st["source"], "ok": bool(ok)}
         for k in ("error", "policy_version", "generated_tokens", "teacher_rev", "resumed"):
@@ -347,11 +348,11 @@ class RefreshScheduler:
         if not known:
             return
         mx, mean = max(known), sum(known) / len(known)
-        ages = self.state["ages"]
-        ages.append({"step": step, "max_age": mx, "mean_age": round(mean, 3)})
+        ages = self.state["ages"]  # [step, max_age, mean_age] rows: compact in the manifest's JSON
+        ages.append([step, mx, round(mean, 3)])
         if len(ages) > MAX_AGES:  # thin: merge neighbours, keeping the one with the larger max age
             head = ages[:-1]
-            ages[:] = [max(head[i:i + 2], key=lambda a: a["max_age"]) for i in range(0, len(head), 2)] + ages[-1:]
+            ages[:] = [max(head[i:i + 2], key=lambda a: a[1]) for i in range(0, len(head), 2)] + ages[-1:]
         seen = self.state["max_age_seen"]
         self.state["max_age_seen"] = mx if seen is None else max(seen, mx)
         self.metrics.shard_ages(mx, mean)
@@ -400,7 +401,8 @@ class RefreshScheduler:
                                              default=0),
                     "restarts": st["restarts"], "last_step": st["last_step"], "phase": self.phase.name,
                     "in_flight": st["in_flight"], "shards": len(self.shard_ids),
-                    "ages": list(st["ages"]), "pass_log": list(st["pass_log"])}
+                    "ages": [{"step": a[0], "max_age": a[1], "mean_age": a[2]} for a in st["ages"]],
+                    "pass_log": [dict(p) for p in st["pass_log"]]}
 
     # ------------------------------------------------------------ the real pass
     def _teacher_pass(self, decision: RefreshDecision, on_commit) -> dict:
@@ -636,6 +638,15 @@ def stop_scheduler(handle) -> None:
     import ray
 
     ray.kill(handle, no_restart=True)
+
+
+def finish_scheduler(handle, timeout: float = 600.0) -> dict:
+    """End of training: drain, read the status for the report, stop the actor."""
+    done = drain(handle, timeout)
+    status = scheduler_status(handle)
+    status["drained"] = done
+    stop_scheduler(handle)
+    return status
 
 
 def teacher_compute(report_passes: list[dict], status: dict | None, *, online_tokens: int = 0) -> dict:

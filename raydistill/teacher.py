@@ -45,8 +45,9 @@ class TeacherReplica:
 
     def __init__(self, *, model: str, dtype: str, trust_remote_code: bool, allow_pickle_weights: bool,
                  revision: str | None, gpus: float, cpus: float, targets: dict, vocab_size: int,
-                 store_uri: str, batch_size: int):
+                 store_uri: str, batch_size: int, fault: dict | None = None):
         torch.set_num_threads(max(1, int(cpus)))
+        self.fault, self.scored = fault, 0  # test hook (see _fault_from_env)
         self.device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
         # A replica that needs several GPUs spreads its layers over them with accelerate.
         device_map = "auto" if gpus > 1 else None
@@ -78,6 +79,8 @@ class TeacherReplica:
 
     def score_shard(self, shard_id: str, version: int, inputs: str, seed: int, policy_version: int) -> dict:
         start = time.perf_counter()
+        self.scored += 1
+        self._maybe_fault("before_write")
         table = pq.read_table(self.store.full_path(inputs), filesystem=self.store.filesystem)
         ids = list_column_to_numpy(table["input_ids"])
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -93,9 +96,43 @@ class TeacherReplica:
         shard = build_table(columns, seq_id=table["seq_id"].to_numpy(), input_ids=ids,
                             policy_version=policy_version, fmt=self.targets["format"], vocab_size=self.vocab_size)
         written = self.store.write_shard(shard_id, version, shard)
+        self._maybe_fault("after_write")
         return {"shard_id": shard_id, "version": version, "rows": written["rows"],
                 "checksum": written["checksum"], "bytes": written["bytes"], "tokens": int(ids.size),
                 "seconds": time.perf_counter() - start, "policy_version": policy_version}
+
+
+    def _maybe_fault(self, point: str) -> None:
+        """Test hook: slow every shard down, and/or kill this replica's process once (the first
+        replica to reach its `at`-th shard at `point`; the marker file, created atomically, makes
+        it happen once per marker across replicas and restarts)."""
+        f = self.fault
+        if not f:
+            return
+        if point == "before_write" and f.get("delay_s"):
+            time.sleep(f["delay_s"])
+        if f.get("marker") and point == f.get("when", "after_write") and self.scored == f.get("at"):
+            try:
+                fd = os.open(f["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os._exit(1)
+
+
+def _fault_from_env() -> dict | None:
+    """Test hook, read on the driver: RAYDISTILL_TEACHER_KILL_AT_SHARD=N + RAYDISTILL_TEACHER_KILL_MARKER=path
+    (+ RAYDISTILL_TEACHER_KILL_WHEN=before_write|after_write) kill a replica once at its N-th shard;
+    RAYDISTILL_TEACHER_DELAY_S slows every shard (so a test can act while a pass is running)."""
+    env = os.environ
+    fault: dict = {}
+    if env.get("RAYDISTILL_TEACHER_KILL_AT_SHARD") and env.get("RAYDISTILL_TEACHER_KILL_MARKER"):
+        fault.update(at=int(env["RAYDISTILL_TEACHER_KILL_AT_SHARD"]), marker=env["RAYDISTILL_TEACHER_KILL_MARKER"],
+                     when=env.get("RAYDISTILL_TEACHER_KILL_WHEN", "after_write"))
+    if env.get("RAYDISTILL_TEACHER_DELAY_S"):
+        fault["delay_s"] = float(env["RAYDISTILL_TEACHER_DELAY_S"])
+    return fault or None
 
 
 def task_seed(seed: int, shard_id: str, version: int) -> int:
@@ -133,7 +170,8 @@ def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab
                                    trust_remote_code=t.trust_remote_code,
                                    allow_pickle_weights=t.allow_pickle_weights, revision=t.revision,
                                    gpus=t.gpus_per_replica, cpus=t.cpus_per_replica, targets=params,
-                                   vocab_size=vocab_size, store_uri=store.uri, batch_size=t.batch_size))
+                                   vocab_size=vocab_size, store_uri=store.uri, batch_size=t.batch_size,
+                                   fault=_fault_from_env()))
     for row in ds.iter_rows():
         record = {"rows": int(row["rows"]), "checksum": str(row["checksum"]), "bytes": int(row["bytes"]),
                   "teacher_rev": teacher_rev, "format": params["format"],

@@ -312,14 +312,21 @@ def _report(step, model, optimizer, scheduler, history, resumed_from, rank, *, f
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+_SCHEDULERS: dict = {}  # (name, namespace) -> actor handle: one GCS lookup per worker, not per step
+
+
 def _notify_scheduler(name: str, step: int, model, loop_cfg: dict) -> None:
-    """Tell the refresh scheduler the student's step (fire and forget: training never waits)."""
+    """Tell the refresh scheduler the student's step (fire and forget: training never waits).
+    The handle outlives actor restarts; calls made while it restarts are queued and retried."""
     import ray
 
-    try:
-        actor = ray.get_actor(name, namespace=loop_cfg.get("namespace"))
-    except ValueError:
-        return
+    key = (name, loop_cfg.get("namespace"))
+    actor = _SCHEDULERS.get(key)
+    if actor is None:
+        try:
+            actor = _SCHEDULERS[key] = ray.get_actor(name, namespace=key[1])
+        except ValueError:
+            return
     policy_dir = loop_cfg.get("policy_dir")
     every = loop_cfg.get("policy_every") or 0
     if policy_dir and every and step % every == 0:

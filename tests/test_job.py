@@ -121,7 +121,7 @@ def kill_marked(marker: str, timeout: float = 30.0) -> list[str]:
 
 
 @contextmanager
-def private_ray_env(prefix: str = "rd"):
+def private_ray_env(prefix: str = "rdtest-"):
     """An environment for processes we start: venv first on PATH, private Ray temp dir, marker.
 
     Teardown kills whatever still carries the marker and removes the temp dir, test failed or not."""
@@ -406,11 +406,14 @@ def run_driver(config, env, log_path, timeout):
             pytest.fail(f"driver did not finish within {timeout} s:\n{tail(log_path)}")
 
 
+@pytest.mark.timeout(1800)  # two full driver runs (Ray start, inputs, training, eval) on 2 busy cores
 def test_driver_sigkill_then_rerun_resumes(tmp_path):
-    teacher, corpus = tiny_assets(tmp_path, n_docs=400, n_embd=64)
+    # 13 steps per epoch: each epoch start re-reads the store, so 40 steps take long enough (even on
+    # an idle machine) for a checkpoint to be registered well before the end.
+    teacher, corpus = tiny_assets(tmp_path, n_docs=200, n_embd=64)
     out = tmp_path / "out"
     name = f"kill-{uuid.uuid4().hex[:8]}"
-    steps, every = 120, 4
+    steps, every = 40, 4
     config = write_config(tmp_path / "run.yaml", name=name, teacher=teacher, corpus=corpus, output_dir=out,
                           max_steps=steps, checkpoint_every=every, log_every=4)
     first_log = tmp_path / "first.log"

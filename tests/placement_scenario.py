@@ -1,0 +1,121 @@
+"""Helper of test_placement.py, run in its own process: a two-node-type cluster on loopback.
+
+    python tests/placement_scenario.py --teacher DIR --corpus FILE --out DIR --result FILE.json
+
+Builds a `ray.cluster_utils.Cluster` (head + a node offering `teacher_node` + a node offering
+`student_node`), runs a teacher pass and a short DDP fit pinned with `teacher.resources` /
+`train.resources`, and writes where every teacher actor and train worker ran (from the state API,
+`list_actors(detail=True)`) to FILE.json. It runs apart from pytest so that it never meets a Ray
+the test session may already have started; the test gives it a private RAY_TMPDIR so the
+`ray_current_cluster` file Cluster writes is seen by no one else's `ray.init()`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def node_ports() -> dict:
+    """Explicit ports for one node's agents: the defaults (e.g. 52365) would collide between the
+    nodes of this cluster and with other clusters on the machine."""
+    agent_http, agent_grpc, metrics, env_agent = free_ports(4)
+    return {"dashboard_agent_listen_port": agent_http, "metrics_agent_port": agent_grpc,
+            "metrics_export_port": metrics, "runtime_env_agent_port": env_agent}
+
+
+def actors_where(cls_fragment: str) -> list[dict]:
+    from ray.util.state import list_actors
+
+    return [{"class_name": a.class_name, "node_id": a.node_id, "state": a.state, "pid": a.pid}
+            for a in list_actors(detail=True, limit=10000, raise_on_missing_output=False)
+            if cls_fragment in (a.class_name or "")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--result", required=True)
+    args = ap.parse_args()
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raydistill.config import load_config
+    from raydistill.data import build_inputs
+    from raydistill.models import preflight
+    from raydistill.pipeline import check_resources, open_store, score_pending
+    from raydistill.train import fit_student, read_final_state
+
+    cfg = load_config(None, [
+        f"teacher.model={args.teacher}", "student.init_from_teacher={n_layer: 1}",
+        f"data.path={args.corpus}", "data.seq_len=16", "data.eval_fraction=0.1",
+        "targets.format=sampled", "targets.samples=20", "targets.shard_rows=40",
+        "teacher.replicas=2", "teacher.cpus_per_replica=0.5", "teacher.batch_size=16",
+        "teacher.resources={teacher_node: 1}",
+        "train.workers=2", "train.cpus_per_worker=0.5", "train.resources={student_node: 1}",
+        "train.batch_size=16", "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1",
+        f"run.output_dir={args.out}", f"run.name=placement-{os.getpid()}"])
+    info = preflight(cfg)
+
+    dash, = free_ports(1)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
+        object_store_memory=150 * 1024 * 1024, **node_ports()))
+    result: dict = {}
+    try:
+        teacher_node = cluster.add_node(num_cpus=2, resources={"teacher_node": 2}, **node_ports())
+        student_node = cluster.add_node(num_cpus=2, resources={"student_node": 2}, **node_ports())
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        result["nodes"] = {"head": cluster.head_node.node_id, "teacher": teacher_node.node_id,
+                           "student": student_node.node_id}
+        result["node_resources"] = {n["NodeID"]: {k: v for k, v in n["Resources"].items()
+                                                  if not k.startswith("node:")}
+                                    for n in ray.nodes() if n["Alive"]}
+        check_resources(cfg)
+
+        store = open_store(cfg, info)
+        build_inputs(cfg, store, info)
+        stats = score_pending(cfg, store, info)
+        result["teacher_pass"] = {k: stats[k] for k in ("shards", "rows", "expected_shards", "complete")}
+        result["teacher_actors"] = actors_where("TeacherReplica")
+
+        fit, total = fit_student(cfg, store, info.vocab_size)
+        result["train_error"] = None if fit.error is None else repr(fit.error)
+        result["train_steps"] = read_final_state(fit)["step"] if fit.error is None else None
+        result["total_steps"] = total
+        result["train_workers"] = actors_where("RayTrainWorker")
+    finally:
+        with open(args.result, "w") as f:
+            json.dump(result, f, indent=1)
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Placement on heterogeneous clusters: teacher replicas and train workers pinned to node types.
+
+A two-node-type cluster (`ray.cluster_utils.Cluster` on loopback: head, a `teacher_node` node, a
+`student_node` node) runs in a separate process (tests/placement_scenario.py): the pytest process
+may already hold a `ray.init()` of the session fixture, and a Cluster in this process would clash
+with it. The scenario reports, from the state API, the node of every teacher actor
+(`MapWorker(MapBatches(TeacherReplica))`) and train worker (`RayTrainWorker`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_job import describe, private_ray_env, tail, tiny_assets, wait_gone
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "placement_scenario.py")
+
+
+def test_teacher_and_workers_pinned_to_node_types(tmp_path):
+    teacher, corpus = tiny_assets(tmp_path)
+    result_path, log_path = tmp_path / "placement.json", tmp_path / "placement.log"
+    with private_ray_env() as (env, marker, temp):
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, SCRIPT, "--teacher", str(teacher), "--corpus", str(corpus),
+                                     "--out", str(tmp_path / "out"), "--result", str(result_path)],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=840)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"placement scenario timed out:\n{tail(log_path)}")
+        assert rc == 0, tail(log_path)
+        # Cluster.shutdown() removed its nodes: nothing of the scenario outlives it.
+        leftover = describe(wait_gone(marker, 30))
+        assert leftover == [], leftover
+
+    res = json.loads(result_path.read_text())
+    nodes = res["nodes"]
+    assert len(set(nodes.values())) == 3
+    assert res["node_resources"][nodes["teacher"]].get("teacher_node") == 2
+    assert res["node_resources"][nodes["student"]].get("student_node") == 2
+    assert "teacher_node" not in res["node_resources"][nodes["head"]]
+
+    p = res["teacher_pass"]
+    assert p["complete"] and p["shards"] == p["expected_shards"] > 1 and p["rows"] > 0
+
+    teachers = res["teacher_actors"]
+    assert teachers, res
+    assert all(a["class_name"] == "MapWorker(MapBatches(TeacherReplica))" for a in teachers), teachers
+    assert {a["node_id"] for a in teachers} == {nodes["teacher"]}, (teachers, nodes)
+
+    assert res["train_error"] is None and res["train_steps"] == res["total_steps"] == 2
+    workers = res["train_workers"]
+    assert len(workers) == 2, workers                       # train.workers, none restarted
+    assert {a["node_id"] for a in workers} == {nodes["student"]}, (workers, nodes)
