@@ -32,6 +32,8 @@ ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
+    # A busy shared machine can take more than the default 10 s to register the raylet.
+    "RAY_raylet_start_wait_time_s": "120",
 }
 
 

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                    (f" --rows {args.rows}" if args.rows != "1,2,3,4,5,6" else "") + (" --profile" if args.profile else ""),
         "mode": sizes.name, "wall_s": round(wall, 1), "machine": machine(),
         "loadavg_start": load_start, "loadavg_end": loadavg(),
-        "rows": [r.to_dict() for r in rows], "details": details,
+        "rows": [r.to_dict() for r in rows], "table_md": table(rows, markdown=True), "details": details,
     }
     out = args.out or os.path.join(BENCH, "results", f"{date}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -126,6 +126,8 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=1, default=str)
     print()
     print(table(rows))
+    print()
+    print(result["table_md"])
     print(f"\n{sizes.name} bench: {wall:.0f}s wall, load average {load_start} -> {result['loadavg_end']} "
           f"on {cores()} cores; results in {out}")
     if not details["errors"]:

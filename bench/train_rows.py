@@ -206,6 +206,7 @@ def run_rows_3_4(sizes, assets: dict, work: str, details: dict, store_uri: str, 
             f">= 0.9 x theory {theory:.2f} = {0.9 * theory:.2f}", judge(speedup / theory, ">=", 0.9),
             f"speed-up {speedup:.2f} = {speedup / theory:.2f} of theoretical (t_teacher "
             f"{plain_on['t_teacher_s'] * 1e3:.0f} ms + t_student {t_student * 1e3:.0f} ms) / t_student; "
-            f"plain online step {plain_on['online_step_s'] * 1e3:.0f} ms"),
+            f"plain online step {plain_on['online_step_s'] * 1e3:.0f} ms; fit_student walls (start-up incl.) "
+            f"{cached['wall_s']:.0f}s cached vs {online['wall_s']:.0f}s online for {cached['steps']} steps"),
     ]
     return rows

@@ -42,11 +42,24 @@ def node_ports() -> dict:
 
 
 def actors_where(cls_fragment: str) -> list[dict]:
-    from ray.util.state import list_actors
+    """Actors of that class, alive or dead, with the node each one's process ran on.
 
-    return [{"class_name": a.class_name, "node_id": a.node_id, "state": a.state, "pid": a.pid}
-            for a in list_actors(detail=True, limit=10000, raise_on_missing_output=False)
-            if cls_fragment in (a.class_name or "")]
+    An actor killed while its constructor still runs (an autoscaling pool winding down before a
+    second replica finished loading the teacher) is listed with node_id None but with the pid of
+    its process: its node comes from the worker table then."""
+    from ray.util.state import list_actors, list_workers
+
+    workers = {w.pid: w.node_id for w in list_workers(detail=True, limit=10000, raise_on_missing_output=False)}
+    out = []
+    for a in list_actors(detail=True, limit=10000, raise_on_missing_output=False):
+        if cls_fragment not in (a.class_name or ""):
+            continue
+        death = ((a.death_cause or {}).get("actor_died_error_context") or {})
+        out.append({"class_name": a.class_name, "node_id": a.node_id, "state": a.state, "pid": a.pid,
+                    "process_node_id": workers.get(a.pid) if a.pid else None,
+                    "required_resources": a.required_resources, "never_started": death.get("never_started"),
+                    "death_reason": death.get("reason")})
+    return out
 
 
 def main() -> int:

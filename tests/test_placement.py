@@ -51,12 +51,18 @@ def test_teacher_and_workers_pinned_to_node_types(tmp_path):
     p = res["teacher_pass"]
     assert p["complete"] and p["shards"] == p["expected_shards"] > 1 and p["rows"] > 0
 
+    # Every teacher actor asked for the teacher node's resource, and every one that got a process
+    # (some may be killed mid-construction when the pool winds down) ran there.
     teachers = res["teacher_actors"]
     assert teachers, res
     assert all(a["class_name"] == "MapWorker(MapBatches(TeacherReplica))" for a in teachers), teachers
-    assert {a["node_id"] for a in teachers} == {nodes["teacher"]}, (teachers, nodes)
+    assert all(a["required_resources"].get("teacher_node") == 1 for a in teachers), teachers
+    placed = [a["node_id"] or a["process_node_id"] for a in teachers if a["pid"]]
+    assert placed and set(placed) == {nodes["teacher"]}, (teachers, nodes)
+    assert all(a["node_id"] in (None, nodes["teacher"]) for a in teachers), teachers
 
     assert res["train_error"] is None and res["train_steps"] == res["total_steps"] == 2
     workers = res["train_workers"]
     assert len(workers) == 2, workers                       # train.workers, none restarted
     assert {a["node_id"] for a in workers} == {nodes["student"]}, (workers, nodes)
+    assert all(a["process_node_id"] in (None, nodes["student"]) for a in workers), workers

@@ -378,24 +378,22 @@ def test_on_policy_and_teacher_sources(ray_session, base_store, tmp_path, tiny_d
         label = logp.gather(-1, ids_new[:, 1:, None]).squeeze(-1)
         assert torch.allclose(targets.label_logprob, label, atol=2e-2, rtol=1e-3)
 
-    # source=teacher with the teacher at another path: each pass re-reads its revision
+    # source=teacher (the teacher copied with its mtimes: the same revision); each pass re-reads it
     cfg.refresh.source = "teacher"
     cfg.teacher.model = str(teacher)
     s = RefreshScheduler(cfg, store, vocab_size=info.vocab_size, teacher_rev=info.teacher_rev,
                          background=False, persist_every_s=0)
     for step in range(5, 9):
         s.on_step(step)
-    rev1 = model_revision(str(teacher))
-    assert rev1 != info.teacher_rev
-    assert [store.current(sid)["teacher_rev"] for sid in ("00003", "00004", "00005")] == [rev1] * 3
-    weights = glob.glob(str(teacher / "*.safetensors"))
+    assert model_revision(str(teacher)) == info.teacher_rev
+    assert [store.current(sid)["teacher_rev"] for sid in ("00003", "00004", "00005")] == [info.teacher_rev] * 3
     future = time.time() + 100
-    for f in weights:                                                 # "a new checkpoint" at the path
+    for f in glob.glob(str(teacher / "*.safetensors")):               # "a new checkpoint" at the path
         os.utime(f, (future, future))
     for step in range(9, 13):
         s.on_step(step)
     rev2 = model_revision(str(teacher))
-    assert rev2 != rev1
+    assert rev2 != info.teacher_rev
     assert [store.current(sid)["teacher_rev"] for sid in ("00006", "00007", "00008")] == [rev2] * 3
     assert [store.current(sid)["policy_version"] for sid in ("00006", "00007", "00008")] == [-1] * 3
     assert s.status()["passes"] == 3 and s.status()["restarts"] == 1
