@@ -54,12 +54,28 @@ def init_ray(cfg) -> None:
         return
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})
+        # A submitted job: ray.init merges this runtime_env into the job's and refuses (ValueError)
+        # one that sets an env var the job already sets (`--runtime-env-json '{"env_vars": ...}'`).
+        env = {k: v for k, v in env.items() if k not in _job_env_vars()}
+        ray.init(runtime_env={"env_vars": env} if env else None)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray stays on loopback
     needed = cfg.teacher.replicas * cfg.teacher.cpus_per_replica + cfg.train.workers * cfg.train.cpus_per_worker
     # More logical CPUs than cores: passes, data tasks and train workers must all fit at once.
     ray.init(num_cpus=int(max(8, 2 * (os.cpu_count() or 2), needed + 4)), runtime_env={"env_vars": env})
+
+
+def _job_env_vars() -> dict:
+    """env_vars of the submitted job's runtime_env (what `ray job submit` gave the driver)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return dict(((json.loads(raw) or {}).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, TypeError, AttributeError):
+        return {}
 
 
 def check_resources(cfg, timeout_s: float | None = None) -> None:

@@ -7,7 +7,10 @@ every `refresh.every_steps` steps, asks its policy for `ceil(refresh.fraction ×
 
 - `RoundRobin`: the oldest first (ties by shard id). Every shard is then re-produced at least once
   every ceil(1/fraction) decisions, so no shard is ever older than
-  `bound_steps = ceil(1/fraction) × every_steps` plus the latency of one pass (in steps);
+  `bound_steps = ceil(1/fraction) × every_steps` plus the latency L of one pass (in steps) — as
+  long as a pass takes at most every_steps steps. A slower pass delays the next decision (one pass
+  at a time), decisions are then L apart and the bound is ceil(1/fraction) × max(every_steps, L) + L
+  (`effective_bound`; the scheduler warns once and reports `kept_up: false`);
 - `Random(seed)`: uniform, no bound; it exists to show the age tail that round robin removes.
 
 A decision starts a teacher pass in a background thread (`run_teacher_pass`, pool capped by
@@ -56,6 +59,7 @@ import time
 from dataclasses import dataclass
 
 __all__ = ["RefreshDecision", "RefreshScheduler", "RoundRobin", "Random", "make_policy", "bound_steps",
+           "effective_bound",
            "shards_per_decision", "start_scheduler", "scheduler_status", "drain", "stop_scheduler",
            "finish_scheduler", "fit_kwargs", "scheduler_name", "teacher_compute"]
 
@@ -90,6 +94,16 @@ def shards_per_decision(fraction: float, n_shards: int) -> int:
 def bound_steps(fraction: float, every_steps: int) -> int | None:
     """The round-robin age bound without pass latency: ceil(1/fraction) × every_steps."""
     return _ceil(1.0 / fraction) * int(every_steps) if fraction > 0 else None
+
+
+def effective_bound(fraction: float, every_steps: int, latency_steps: int) -> int | None:
+    """The round-robin age bound that holds whatever the pass latency L (in steps):
+    ceil(1/fraction) × max(every_steps, L) + L. Decisions are every_steps apart while passes keep
+    up (L <= every_steps: the design's bound plus one pass's latency); when a pass takes longer,
+    the next decision waits for it, so decisions are L apart and the bound grows with L."""
+    if fraction <= 0:
+        return None
+    return _ceil(1.0 / fraction) * max(int(every_steps), int(latency_steps)) + int(latency_steps)
 
 
 def _oldest_key(ages: dict, sid: str):
@@ -206,6 +220,7 @@ class RefreshScheduler:
         self._last_persist = 0.0
         self._dirty = False
         self._draining = False
+        self._warned_slow = False
         if metrics is None:
             from .metrics import RunMetrics
             metrics = RunMetrics(cfg.run.name)
@@ -335,6 +350,14 @@ class RefreshScheduler:
             if k in stats:
                 entry[k] = stats[k]
         st["pass_log"] = (st["pass_log"] + [entry])[-MAX_PASS_LOG:]
+        latency = entry["commit_step"] - entry["start_step"]
+        if latency > self.every and not self._warned_slow:
+            self._warned_slow = True
+            print(f"raydistill: WARNING a refresh pass took {latency} steps, more than refresh.every_steps="
+                  f"{self.every}: passes run back to back and the age bound becomes "
+                  f"{effective_bound(self.fraction, self.every, latency)} steps instead of "
+                  f"{bound_steps(self.fraction, self.every)} + {latency} — raise refresh.max_replicas or "
+                  f"refresh.every_steps", flush=True)
         st["passes" if ok else "failed_passes"] += 1
         st["rows_refreshed"] += entry["rows"]
         st["teacher_tokens"] += entry["tokens"]
@@ -397,12 +420,17 @@ class RefreshScheduler:
                     "rows_refreshed": st["rows_refreshed"], "teacher_tokens": st["teacher_tokens"],
                     "generated_tokens": st["generated_tokens"], "max_age_seen": st["max_age_seen"],
                     "bound_steps": bound_steps(self.fraction, self.every) if self.policy else None,
-                    "max_latency_steps": max((p["commit_step"] - p["start_step"] for p in st["pass_log"]),
-                                             default=0),
+                    "max_latency_steps": self._max_latency(),
+                    "effective_bound_steps": effective_bound(self.fraction, self.every, self._max_latency())
+                    if self.policy else None,
+                    "kept_up": self._max_latency() <= self.every,
                     "restarts": st["restarts"], "last_step": st["last_step"], "phase": self.phase.name,
                     "in_flight": st["in_flight"], "shards": len(self.shard_ids),
                     "ages": [{"step": a[0], "max_age": a[1], "mean_age": a[2]} for a in st["ages"]],
                     "pass_log": [dict(p) for p in st["pass_log"]]}
+
+    def _max_latency(self) -> int:
+        return max((p["commit_step"] - p["start_step"] for p in self.state["pass_log"]), default=0)
 
     # ------------------------------------------------------------ the real pass
     def _teacher_pass(self, decision: RefreshDecision, on_commit) -> dict:

@@ -2,7 +2,7 @@
 
     python tests/placement_scenario.py --teacher DIR --corpus FILE --out DIR --result FILE.json
 
-Builds a `ray.cluster_utils.Cluster` (head + a node offering `teacher_node` + a node offering
+Builds a `ray.cluster_utils.Cluster` (a head offering `teacher_node` + a node offering
 `student_node`), runs a teacher pass and a short DDP fit pinned with `teacher.resources` /
 `train.resources`, and writes where every teacher actor and train worker ran (from the state API,
 `list_actors(detail=True)`) to FILE.json. It runs apart from pytest so that it never meets a Ray
@@ -18,6 +18,9 @@ import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+RAY_START_FAILED = 75  # exit code: Ray itself failed to start, nothing ran; the test may retry
 
 
 def free_ports(n: int) -> list[int]:
@@ -90,22 +93,34 @@ def main() -> int:
         f"run.output_dir={args.out}", f"run.name=placement-{os.getpid()}"])
     info = preflight(cfg)
 
+    # Two nodes, as on a real heterogeneous cluster: the head offers `teacher_node` (and hosts the
+    # driver), a second node offers `student_node`.
     dash, = free_ports(1)
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
-        object_store_memory=150 * 1024 * 1024, **node_ports()))
-    result: dict = {}
+    cluster = None
     try:
-        teacher_node = cluster.add_node(num_cpus=2, resources={"teacher_node": 2}, **node_ports())
+        cluster = Cluster(initialize_head=True, head_node_args=dict(
+            num_cpus=2, resources={"teacher_node": 2}, include_dashboard=True, dashboard_host="127.0.0.1",
+            dashboard_port=dash, object_store_memory=150 * 1024 * 1024, **node_ports()))
+        teacher_node = cluster.head_node
         student_node = cluster.add_node(num_cpus=2, resources={"student_node": 2}, **node_ports())
         cluster.wait_for_nodes()
+    except Exception as e:
+        # Ray gives a raylet 30 s to register; on a loaded machine that can fail. Nothing of the
+        # scenario ran yet: tell the test to sweep our processes and start again.
+        if "timed out during startup" in str(e):
+            print(f"placement scenario: Ray did not start: {e}", flush=True)
+            if cluster is not None:
+                cluster.shutdown()
+            return RAY_START_FAILED
+        raise
+    result: dict = {}
+    try:
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-        result["nodes"] = {"head": cluster.head_node.node_id, "teacher": teacher_node.node_id,
-                           "student": student_node.node_id}
+        result["nodes"] = {"teacher": teacher_node.node_id, "student": student_node.node_id}
         result["node_resources"] = {n["NodeID"]: {k: v for k, v in n["Resources"].items()
                                                   if not k.startswith("node:")}
                                     for n in ray.nodes() if n["Alive"]}

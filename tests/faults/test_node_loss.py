@@ -110,7 +110,7 @@ def scenario(args) -> None:
     from raydistill.train import fit_student, read_final_state
 
     out = args.out
-    result: dict = {"phase": "start"}
+    result: dict = {"phase": "start", "times": {"start": time.time()}}
     cfg = load_config(None, [
         f"teacher.model={args.teacher}", "student.init_from_teacher={n_layer: 1}",
         f"data.path={args.corpus}", "data.seq_len=16", "data.eval_fraction=0.1",
@@ -138,8 +138,10 @@ def scenario(args) -> None:
         DataContext.get_current().enable_progress_bars = False
         job = ray.get_runtime_context().get_job_id()
         check_resources(cfg)
+        result["times"]["cluster_up"] = time.time()
         store = open_store(cfg, info)
         result["inputs"] = build_inputs(cfg, store, info)
+        result["times"]["inputs"] = time.time()
 
         # ---- phase 1: lose a teacher node mid-pass
         result["phase"] = "teacher"
@@ -163,6 +165,7 @@ def scenario(args) -> None:
                              "alive_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])}
 
         # ---- phase 2: lose a train node mid-fit (the survivor plus a fresh node are left)
+        result["times"]["teacher"] = time.time()
         result["phase"] = "train"
         fresh = add_node(cluster, num_cpus=2, resources={"teacher_node": 2})
         nodes[fresh.node_id] = fresh
@@ -181,6 +184,7 @@ def scenario(args) -> None:
                            "workers": [{"node": a["Address"]["NodeID"], "state": a["State"],
                                         "restarts": a["NumRestarts"], "start": a["StartTime"] / 1000}
                                        for a in actors(job, "RayTrainWorker")]}
+        result["times"]["train"] = time.time()
         result["phase"] = "done"
     finally:
         with open(args.result, "w") as f:
@@ -190,6 +194,11 @@ def scenario(args) -> None:
 
 
 # ---------------------------------------------------------------- the tests (parent process)
+
+SCENARIO_TIMEOUT_S = 1500   # ~3 min on an idle 2-core machine; 15 min seen on one shared by 4 sessions
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(SCENARIO_TIMEOUT_S + 300)]
+
 
 @pytest.fixture(scope="module")
 def node_loss(tmp_path_factory, tiny_dir, tiny_corpus):
@@ -202,15 +211,12 @@ def node_loss(tmp_path_factory, tiny_dir, tiny_corpus):
     start = time.monotonic()
     proc = subprocess.run([sys.executable, __file__, "--scenario", "--teacher", str(tiny_dir / "gpt2-teacher"),
                            "--corpus", str(tiny_corpus), "--out", str(root / "out"), "--result", str(result_file)],
-                          env=env, capture_output=True, text=True, timeout=840, cwd=ROOT)
+                          env=env, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S, cwd=ROOT)
     elapsed = time.monotonic() - start
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     result["_stderr"] = proc.stderr[-4000:]
     result["_rc"], result["_elapsed"] = proc.returncode, elapsed
     return root, result
-
-
-pytestmark = pytest.mark.slow
 
 
 def test_teacher_work_moves_to_surviving_node(node_loss):
@@ -219,12 +225,13 @@ def test_teacher_work_moves_to_surviving_node(node_loss):
     t = r["teacher"]
     log = t["log"]
     assert "error" not in log and log.get("removed") in r["teacher_nodes"], log
+    assert log["actors_there"] >= 1                               # a replica was on the lost node
     survivor = next(n for n in r["teacher_nodes"] if n != log["removed"])
     assert log["removed"] not in t["alive_nodes"] and survivor in t["alive_nodes"]
-    # the replica(s) of the lost node came back on the survivor; none lives on the lost node
-    alive = [a for a in t["replicas"] if a["state"] == "ALIVE"]
-    assert alive and all(a["node"] == survivor for a in alive), t["replicas"]
-    assert sum(a["restarts"] for a in t["replicas"]) >= log["actors_there"] >= 1
+    assert t["committed_after_removal"] >= 1                      # the node was lost mid-pass
+    # the lost replica was restarted (or replaced) on the survivor; none was left on the lost node
+    assert t["replicas"] and all(a["node"] == survivor for a in t["replicas"]), t["replicas"]
+    assert any(a["restarts"] >= 1 or a["start"] > log["at"] for a in t["replicas"]), t["replicas"]
     # the pass completed exactly
     inputs = r["inputs"]
     stats = t["stats"]
@@ -252,15 +259,16 @@ def test_training_resumes_on_nodes_left(node_loss):
     assert r.get("phase") == "done", (r.get("phase"), r["_stderr"])
     tr = r["train"]
     log = tr["log"]
-    assert "error" not in log and log.get("removed"), log
+    assert "error" not in log and log.get("removed") and log["actors_there"] >= 1, log
     assert tr["error"] is None, tr["error"]
-    assert tr["step"] == tr["total"] == 24
+    assert tr["step"] == tr["total"] == 24                        # finished at the exact step count
     # restarted from a checkpoint (checkpoint_every=4), not from scratch
     assert tr["resumed_from"] is not None and tr["resumed_from"] >= 4 and tr["resumed_from"] % 4 == 0
-    alive = [w for w in tr["workers"] if w["state"] == "ALIVE"]
-    assert all(w["node"] != log["removed"] for w in tr["workers"] if w["state"] == "ALIVE")
-    assert log["removed"] not in tr["nodes_left"] and len(tr["nodes_left"]) >= 1
-    assert r["_elapsed"] < 840
+    before = [w for w in tr["workers"] if w["start"] < log["at"]]
+    after = [w for w in tr["workers"] if w["start"] > log["at"]]
+    assert any(w["node"] == log["removed"] for w in before)       # a worker ran on the lost node
+    assert len(after) >= 2 and all(w["node"] in tr["nodes_left"] for w in after), tr["workers"]
+    assert log["removed"] not in tr["nodes_left"]
 
 
 if __name__ == "__main__":
