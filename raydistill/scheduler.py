@@ -627,6 +627,7 @@ class _RemoteRefreshScheduler(RefreshScheduler):
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        from . import teacher  # noqa: F401  (torch, transformers: imported now, not in the first pass)
         super().__init__(cfg, store, **kwargs)
 
 

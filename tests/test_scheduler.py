@@ -316,7 +316,7 @@ def test_bound_holds_during_training_and_across_a_scheduler_kill(ray_session, ba
     from raydistill.train import fit_student
 
     every = 5
-    cfg, info, store = _copy_store(base_store, tmp_path, tiny_dir, tiny_corpus, train__epochs=16,
+    cfg, info, store = _copy_store(base_store, tmp_path, tiny_dir, tiny_corpus, train__epochs=32,
                                    refresh__every_steps=every)
     name, ns = f"sched-{tmp_path.name}-{os.getpid()}", "raydistill-tests"
     handle = start_scheduler(cfg, store, info, name, ns, persist_every_s=0)
