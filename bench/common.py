@@ -73,9 +73,10 @@ class Sizes:
     v32_layers: int = 2
     v32_embd: int = 32
     v32_heads: int = 2
-    v32_train_s: float = 60.0      # training budget (seconds; the result is cached)
-    v32_min_steps: int = 100       # fewer steps (a busy machine) -> not cached, retrained next run
+    v32_steps: int = 300           # training steps in all (cached; resumed by the next run if cut short)
+    v32_train_s: float = 60.0      # at most this long per bench run
     v32_train_batch: int = 8
+    v32_train_seq: int = 32
     v32_lr: float = 1e-2
     v32_student_at: float = 0.2    # the "student" is the teacher's checkpoint at this share of training
     v32_store_seqs: int = 32       # sequences in the measured shard (bytes/token)
@@ -93,7 +94,8 @@ QUICK = Sizes(name="quick")
 FULL = Sizes(name="full", seq_len=128, teacher_layers=4, teacher_embd=256, teacher_heads=4,
              student={"n_layer": 2, "n_embd": 128, "n_head": 2}, docs=200, shard_rows=64,
              train_steps=120, log_every=10, skip_logs=2, plain_steps=60, replicas=(1, 2, 4),
-             v32_layers=2, v32_embd=64, v32_heads=2, v32_train_s=600.0, v32_min_steps=1000, v32_lr=5e-3,
+             v32_layers=2, v32_embd=64, v32_heads=2, v32_train_s=600.0, v32_steps=2000, v32_lr=5e-3,
+             v32_train_seq=64,
              v32_store_seqs=128, v32_fid_seqs=16, mem_docs=40, mem_steps=20)
 
 
@@ -163,13 +165,22 @@ def bench_config(sizes: Sizes, *, teacher: str, corpus: str, out_dir: str, name:
     return Config.from_dict(d)
 
 
-def init_ray(num_cpus: int = 8) -> None:
+def init_ray(num_cpus: int = 8, attempts: int = 3) -> None:
     import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: v for k, v in ENV.items() if not k.startswith("RAY_ENABLE")}})
+    for attempt in range(attempts):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {k: v for k, v in ENV.items() if not k.startswith("RAY_ENABLE")}})
+        except Exception as e:  # noqa: BLE001 - a busy machine can time out the raylet registration
+            if attempt == attempts - 1:
+                raise
+            log(f"ray.init failed ({str(e).splitlines()[0][:120]}); retrying")
+            ray.shutdown()
+            time.sleep(10)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

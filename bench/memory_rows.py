@@ -162,15 +162,7 @@ def child(spec_path: str) -> None:
                        name=f"mem-{os.getpid()}", docs=spec["docs"],
                        **{"train.max_steps": spec["steps"], "train.log_every": max(1, spec["steps"] // 2)})
     info = preflight(cfg)
-    try:
-        init_ray(8)
-    except Exception as e:  # noqa: BLE001 - a busy machine can time out the raylet registration once
-        print(f"ray.init failed ({e}); retrying once", flush=True)
-        import ray
-
-        ray.shutdown()
-        time.sleep(5)
-        init_ray(8)
+    init_ray(8)
     time.sleep(3)
     phase("idle")
     time.sleep(3)

@@ -90,10 +90,9 @@ def main(argv=None) -> int:
 
         section("5", lambda: run_row_5(sizes, work, details))
     if "1" in wanted:
-        init_ray(8)
         from teacher_rows import run_rows_1_2
 
-        section("1-2", lambda: run_rows_1_2(sizes, assets, work, details))
+        section("1-2", lambda: (init_ray(8), run_rows_1_2(sizes, assets, work, details))[1])
         if wanted & {"3", "4"} and "row1" in details:
             from train_rows import run_rows_3_4
 
@@ -101,7 +100,8 @@ def main(argv=None) -> int:
             section("3-4", lambda: run_rows_3_4(sizes, assets, work, details, store_uri, profile=args.profile))
         import ray
 
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     if "6" in wanted:
         from memory_rows import run_row_6
 

@@ -20,6 +20,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -216,7 +217,8 @@ def node_loss(tmp_path_factory, tiny_dir, tiny_corpus):
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     result["_stderr"] = proc.stderr[-4000:]
     result["_rc"], result["_elapsed"] = proc.returncode, elapsed
-    return root, result
+    yield root, result
+    shutil.rmtree(ray_tmp, ignore_errors=True)      # the child's Ray session dirs and logs
 
 
 def test_teacher_work_moves_to_surviving_node(node_loss):
