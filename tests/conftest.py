@@ -24,10 +24,16 @@ def ray_session():
     """One Ray start for the whole session; more logical CPUs than cores so passes + training fit."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+    env = {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+        except Exception as e:  # Ray waits a fixed 30 s for its raylet: a loaded machine can miss it
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -369,6 +369,15 @@ def test_bound_holds_during_training_and_across_a_scheduler_kill(ray_session, ba
     assert max(ages) <= st["effective_bound_steps"] == 4 * max(every, latency) + latency
     if latency <= every:  # the refresh kept up with training: the design's bound
         assert max(ages) <= st["bound_steps"] + latency
+    # sharper, from the actual pass timings: with 9 shards and 3 per pass every shard is re-produced
+    # within any m = 3 consecutive passes, so an age seen before pass j lands is at most
+    # commit_j - 1 - start_(j-m) (start_(<=0) = -1: the initial pass), and at the end T - start_(P-m+1)
+    m, log = 3, st["pass_log"]
+    starts, commits = [-1] * m + [p["start_step"] for p in log], [p["commit_step"] for p in log]
+    from_log = max([c - 1 - starts[j] for j, c in enumerate(commits)] +
+                   [st["last_step"] - starts[len(log)] if len(log) >= m else st["last_step"] + 1])
+    print("max age", max(ages), "bound from the pass log", from_log, "latency", latency)
+    assert max(ages) <= from_log
 
 
 @pytest.mark.slow

@@ -86,16 +86,17 @@ def remove_when(cluster, nodes: dict, ready, job: str, fragment: str, log: dict,
         log["error"] = repr(e)
 
 
-def add_node(cluster, attempts: int = 3, **kwargs):
+def add_node(cluster, attempts: int = 5, **kwargs):
     """cluster.add_node, retried: Ray gives a raylet 30 s to register, which a loaded shared
-    machine sometimes exceeds."""
+    machine sometimes exceeds. Fresh ports each attempt (a failed attempt may still hold its own)."""
     for i in range(attempts):
         try:
-            return cluster.add_node(**kwargs, **node_ports())
+            return cluster.add_node(**kwargs, **node_ports())   # the head's GCS port is random (0)
         except Exception as e:  # "The current node timed out during startup"
             if i == attempts - 1 or "timed out" not in str(e):
                 raise
             print(f"node start timed out, retrying ({e})", file=sys.stderr, flush=True)
+            time.sleep(5)
 
 
 def scenario(args) -> None:
@@ -111,7 +112,7 @@ def scenario(args) -> None:
     from raydistill.train import fit_student, read_final_state
 
     out = args.out
-    result: dict = {"phase": "start", "times": {"start": time.time()}}
+    result: dict = {"phase": "cluster", "times": {"start": time.time()}}
     cfg = load_config(None, [
         f"teacher.model={args.teacher}", "student.init_from_teacher={n_layer: 1}",
         f"data.path={args.corpus}", "data.seq_len=16", "data.eval_fraction=0.1",
@@ -140,6 +141,7 @@ def scenario(args) -> None:
         job = ray.get_runtime_context().get_job_id()
         check_resources(cfg)
         result["times"]["cluster_up"] = time.time()
+        result["phase"] = "inputs"
         store = open_store(cfg, info)
         result["inputs"] = build_inputs(cfg, store, info)
         result["times"]["inputs"] = time.time()
@@ -217,6 +219,11 @@ def node_loss(tmp_path_factory, tiny_dir, tiny_corpus):
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     result["_stderr"] = proc.stderr[-4000:]
     result["_rc"], result["_elapsed"] = proc.returncode, elapsed
+    if result.get("phase") == "cluster" and "timed out during startup" in proc.stderr:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        # Not a raydistill failure: the machine was too loaded for Ray to start its nodes at all.
+        pytest.skip(f"the loopback cluster could not start (raylet registration timed out 5 times): "
+                    f"{proc.stderr.strip().splitlines()[-1]}")
     yield root, result
     shutil.rmtree(ray_tmp, ignore_errors=True)      # the child's Ray session dirs and logs
 
