@@ -388,7 +388,7 @@ def default_config(cache_dir: str | None = None, *, recipe: DemoRecipe = RECIPE)
     corpus = demo_corpus(cache, max_bytes=recipe.corpus_bytes)
     teacher = demo_teacher(cache, recipe=recipe)
     return {
-        "run": {"name": "demo", "output_dir": "runs/demo", "seed": 0},
+        "run": {"name": "demo", "output_dir": "runs/demo", "seed": 0, "compare_hard_labels": True},
         "data": {"path": corpus, "text_column": "text", "seq_len": recipe.seq_len,
                  "eval_fraction": recipe.eval_fraction, "max_rows": recipe.student_rows},
         "teacher": {"model": teacher, "replicas": 2, "cpus_per_replica": 1.0, "batch_size": 16},
