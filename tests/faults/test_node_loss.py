@@ -216,6 +216,7 @@ def node_loss(tmp_path_factory, tiny_dir, tiny_corpus):
                            "--corpus", str(tiny_corpus), "--out", str(root / "out"), "--result", str(result_file)],
                           env=env, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S, cwd=ROOT)
     elapsed = time.monotonic() - start
+    (root / "scenario.stderr").write_text(proc.stderr)       # kept for a failing run's post-mortem
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     result["_stderr"] = proc.stderr[-4000:]
     result["_rc"], result["_elapsed"] = proc.returncode, elapsed
