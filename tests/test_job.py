@@ -326,6 +326,7 @@ class MetricsScraper(threading.Thread):
                 if s.split("{")[0] in (name, name + "_total") and all(w in s for w in want)]
 
 
+@pytest.mark.timeout(1800)  # head start, upload, a full run and teardown on 2 busy cores (~6-12 min)
 def test_job_submit_on_loopback_head(tmp_path):
     teacher, corpus = tiny_assets(tmp_path)
     out = tmp_path / "out"
