@@ -77,9 +77,11 @@ def table(rows: list[dict]) -> str:
     head = f"{'mode':<8} {'wall s':>8} {'distill s':>9} {'teacher fwd tokens':>19} {'held-out CE':>12} " \
            f"{'KL(t||s)':>9} {'top-1':>6} {'refresh':>8} {'max age':>8}"
     lines = [head, "-" * len(head)]
+    def f(v, spec):  # a missing figure is a right-aligned "-" of the column's width
+        width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
+        return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(width)
+
     for r in rows:
-        def f(v, spec):
-            return format(v, spec) if isinstance(v, (int, float)) else "-"
         lines.append(f"{r['mode']:<8} {f(r['wall_s'], '8.1f')} {f(r['distill_s'], '9.1f')} "
                      f"{f(r['teacher_tokens'], '19,d')} {f(r['ce'], '12.4f')} {f(r['kl'], '9.4f')} "
                      f"{f(r['top1'], '6.3f')} {f(r['refresh_passes'], '8d')} {f(r['max_age_seen'], '8d')}")
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except RaydistillError as e:
         print(f"compare_modes: {e}", file=sys.stderr)
         return 2
+    from raydistill.pipeline import init_ray
+
+    init_ray(cfgs[modes[0]])  # once, before the clocks start: no mode pays for Ray's start
     rows = []
     for mode in modes:
         print(f"\n=== {mode} ===", flush=True)
