@@ -64,10 +64,10 @@ class Sizes:
     shard_rows: int = 32
     teacher_batch: int = 16
     train_batch: int = 16
-    train_steps: int = 30          # optimizer steps of each Ray Train fit (row 3 and 4)
-    log_every: int = 5
+    train_steps: int = 24          # optimizer steps of each Ray Train fit (row 3 and 4)
+    log_every: int = 4
     skip_logs: int = 1             # leading history entries left out of the steady state
-    plain_steps: int = 20          # steps of the plain loops (the first is a warm-up)
+    plain_steps: int = 12          # steps of the plain loops (the first is a warm-up)
     replicas: tuple = (1, 2)       # row 2 (plus N = cores)
     # row 5: a 32k-vocabulary teacher, briefly trained
     v32_layers: int = 2

@@ -163,9 +163,9 @@ def child(spec_path: str) -> None:
                        **{"train.max_steps": spec["steps"], "train.log_every": max(1, spec["steps"] // 2)})
     info = preflight(cfg)
     init_ray(8)
-    time.sleep(3)
+    time.sleep(2)
     phase("idle")
-    time.sleep(3)
+    time.sleep(2)
     res = {}
     phase("teacher")
     t = time.perf_counter()
@@ -174,8 +174,6 @@ def child(spec_path: str) -> None:
     stats = score_pending(cfg, store, info)
     res["teacher"] = {"seconds": time.perf_counter() - t, "tokens": stats["tokens"], "rows": inputs["train_rows"],
                       "shards": stats["shards"]}
-    phase("between")
-    time.sleep(1)
     phase("train")
     t = time.perf_counter()
     result, total = fit_student(cfg, store, info.vocab_size, label="mem")

@@ -57,7 +57,7 @@ class Profile:
     def __exit__(self, *exc):
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.duration_s + 30)
+            self._thread.join(timeout=60)
         return False
 
     def _run(self):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes: <= 10 minutes on a 2-core machine")
     ap.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated rows to run (2 needs 1, 3-4 need 1)")
     ap.add_argument("--profile", action="store_true",
-                    help="py-spy the Ray Train worker during row 3 (perturbs the timing on small machines)")
+                    help="py-spy the 1-replica teacher actor (row 2) and the Ray Train worker (row 3); "
+                         "perturbs the timing on small machines")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<date>.json)")
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
         wanted.add("1")
 
     started = time.time()
+    for old in glob.glob(os.path.join(TMP, "run-*")):  # scratch of earlier runs (kept when a row failed)
+        shutil.rmtree(old, ignore_errors=True)
     work = os.path.join(TMP, f"run-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(work, exist_ok=True)
     load_start = loadavg()
@@ -75,6 +79,23 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     details: dict = {"sizes": sizes.__dict__, "assets": assets, "errors": {}, "phase_s": {}}
 
+    out = args.out or os.path.join(BENCH, "results", f"{datetime.date.today().isoformat()}.json")
+    command = ("python bench/run.py" + (" --quick" if args.quick else "") +
+               (f" --rows {args.rows}" if args.rows != "1,2,3,4,5,6" else "") + (" --profile" if args.profile else ""))
+    meta = {"date": datetime.date.today().isoformat(),
+            "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+            "command": command, "mode": sizes.name, "machine": machine(), "loadavg_start": load_start}
+
+    def save(final: bool = False) -> dict:
+        """Written after every section, so that a run cut short still leaves its rows."""
+        result = dict(meta, complete=final, wall_s=round(time.time() - started, 1), loadavg_end=loadavg(),
+                      rows=[r.to_dict() for r in rows], table_md=table(rows, markdown=True), details=details)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(out + ".tmp", out)
+        return result
+
     def section(name, fn):
         t = time.time()
         try:
@@ -84,6 +105,8 @@ def main(argv=None) -> int:
             details["errors"][name] = f"{type(e).__name__}: {e}"
             rows.append(Row(name, "error", None, None, "", None, "-", "FAIL", f"{type(e).__name__}: {e}"[:300]))
         details["phase_s"][name] = round(time.time() - t, 1)
+        save()
+        log(f"section {name} done in {details['phase_s'][name]:.0f}s")
 
     if "5" in wanted:
         from store_rows import run_row_5
@@ -92,7 +115,7 @@ def main(argv=None) -> int:
     if "1" in wanted:
         from teacher_rows import run_rows_1_2
 
-        section("1-2", lambda: (init_ray(8), run_rows_1_2(sizes, assets, work, details))[1])
+        section("1-2", lambda: (init_ray(8), run_rows_1_2(sizes, assets, work, details, profile=args.profile))[1])
         if wanted & {"3", "4"} and "row1" in details:
             from train_rows import run_rows_3_4
 
@@ -110,25 +133,12 @@ def main(argv=None) -> int:
 
     order = {"1": 0, "2": 1, "3": 2, "3b": 3, "4": 4, "5": 5, "6": 6, "7": 7}
     rows.sort(key=lambda r: order.get(r.row, 9 if "-" not in r.row else order.get(r.row[0], 9)))
-    wall = time.time() - started
-    date = datetime.date.today().isoformat()
-    result = {
-        "date": date, "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "command": "python bench/run.py" + (" --quick" if args.quick else "") +
-                   (f" --rows {args.rows}" if args.rows != "1,2,3,4,5,6" else "") + (" --profile" if args.profile else ""),
-        "mode": sizes.name, "wall_s": round(wall, 1), "machine": machine(),
-        "loadavg_start": load_start, "loadavg_end": loadavg(),
-        "rows": [r.to_dict() for r in rows], "table_md": table(rows, markdown=True), "details": details,
-    }
-    out = args.out or os.path.join(BENCH, "results", f"{date}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    result = save(final=True)
     print()
     print(table(rows))
     print()
     print(result["table_md"])
-    print(f"\n{sizes.name} bench: {wall:.0f}s wall, load average {load_start} -> {result['loadavg_end']} "
+    print(f"\n{sizes.name} bench: {result['wall_s']:.0f}s wall, load average {load_start} -> {result['loadavg_end']} "
           f"on {cores()} cores; results in {out}")
     if not details["errors"]:
         shutil.rmtree(work, ignore_errors=True)  # checkpoints, stores; kept for a look when a row failed

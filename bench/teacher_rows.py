@@ -141,7 +141,7 @@ class CommitClock:
         return {"first_commit_s": first, "steady_tokens_per_s": sum(n for _, n in c[1:]) / (c[-1][0] - c[0][0])}
 
 
-def run_rows_1_2(sizes, assets: dict, work: str, details: dict) -> list[Row]:
+def run_rows_1_2(sizes, assets: dict, work: str, details: dict, profile: bool = False) -> list[Row]:
     from raydistill.data import build_inputs
     from raydistill.pipeline import open_store, preflight, score_pending
     from raydistill.teacher import run_teacher_pass
@@ -188,9 +188,20 @@ def run_rows_1_2(sizes, assets: dict, work: str, details: dict) -> list[Row]:
         if r in passes:
             continue
         clock_r = CommitClock()
-        res = run_teacher_pass(cfg_r, store, store.shard_ids(), vocab_size=info.vocab_size,
-                               teacher_rev=info.teacher_rev, step=0, source="bench", seed=r, max_replicas=r,
-                               metrics=clock_r)
+        prof = None
+        if profile and r == 1:  # py-spy the one replica: start-up, model load, scoring, writing
+            from pyspy import Profile
+
+            prof = Profile("TeacherReplica", os.path.join(work, "profiles", "teacher_replica.txt"), duration_s=180)
+            prof.__enter__()
+        try:
+            res = run_teacher_pass(cfg_r, store, store.shard_ids(), vocab_size=info.vocab_size,
+                                   teacher_rev=info.teacher_rev, step=0, source="bench", seed=r, max_replicas=r,
+                                   metrics=clock_r)
+        finally:
+            if prof:
+                prof.__exit__(None, None, None)
+                details["profile_teacher_replica"] = prof.summary
         passes[r] = {"tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"], "replicas": res["replicas"],
                      "shards": res["shards"], **clock_r.steady()}
     for r in counts:

@@ -123,7 +123,7 @@ def ray_fit(cfg, store, vocab_size: int, skip_logs: int, profile: str | None = N
     if profile:
         from pyspy import Profile
 
-        prof = Profile("RayTrainWorker", profile, delay_s=delay_s, duration_s=15)
+        prof = Profile("RayTrainWorker", profile, delay_s=delay_s, duration_s=180)
         prof.__enter__()
     t = Timer()
     try:
@@ -161,7 +161,9 @@ def run_rows_3_4(sizes, assets: dict, work: str, details: dict, store_uri: str, 
 
     log(f"row 3: Ray Train, 1 worker x {n} CPUs, {cfg.train.max_steps} steps from the store")
     prof_path = os.path.join(work, "profiles", "train_worker.txt") if profile else None
-    cached = ray_fit(cfg, store, info.vocab_size, sizes.skip_logs, profile=prof_path, delay_s=8)
+    cached = ray_fit(cfg, store, info.vocab_size, sizes.skip_logs, profile=prof_path, delay_s=0)
+    if profile:
+        details["profile_train_worker"] = cached.pop("profile")
     log(f"row 3: Ray steady {cached['steady_tokens_per_s']:,.0f} tok/s, wall {cached['wall_s']:.1f}s; plain loop next")
     t = Timer()
     batches, decode_s = store_batches(store, cfg.targets.format, cfg.train.batch_size, sizes.plain_steps)

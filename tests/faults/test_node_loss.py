@@ -5,9 +5,10 @@
      is removed (its raylet and every process on it die). Ray Data restarts the replica on the
      surviving node and retries its shard: the pass completes with exactly the expected rows,
      every seq_id once, one version per shard.
-  2. Training: a 2-worker DDP fit on the nodes left plus a fresh one; after the first checkpoint the
-     node hosting a train worker is removed. The worker group restarts on the nodes left (within
-     `train.max_failures`) from its last checkpoint and finishes at the exact step count.
+  2. Training: a 2-worker DDP fit on the nodes left plus a fresh one; once Ray Train has registered
+     the first checkpoint (checkpoint_manager_snapshot.json lists it), the node hosting a train
+     worker is removed. The worker group restarts on the nodes left (within `train.max_failures`)
+     from its last checkpoint and finishes at the exact step count.
 
 The scenario runs in a child process (this file with --scenario): Cluster must not meet the
 session's own ray.init(), and a private RAY_TMPDIR keeps the `ray_current_cluster` file it writes
@@ -17,7 +18,6 @@ that and on the store it left on disk.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -99,6 +99,16 @@ def add_node(cluster, attempts: int = 5, **kwargs):
             time.sleep(5)
 
 
+def checkpoint_registered(snapshot: str) -> bool:
+    """True once Ray Train's controller has registered a checkpoint. A checkpoint directory on disk
+    is not enough: until the controller records the report, a restart would not resume from it."""
+    try:
+        with open(snapshot) as f:
+            return bool(json.load(f).get("checkpoint_results"))
+    except (OSError, ValueError):
+        return False
+
+
 def scenario(args) -> None:
     sys.path.insert(0, ROOT)
     import ray
@@ -173,9 +183,9 @@ def scenario(args) -> None:
         fresh = add_node(cluster, num_cpus=2, resources={"teacher_node": 2})
         nodes[fresh.node_id] = fresh
         cluster.wait_for_nodes()
-        ckpt_glob = os.path.join(out, "checkpoints", f"{cfg.run.name}-student", "checkpoint*")
+        snapshot = os.path.join(out, "checkpoints", f"{cfg.run.name}-student", "checkpoint_manager_snapshot.json")
         log2: dict = {}
-        t = threading.Thread(target=remove_when, args=(cluster, nodes, lambda: bool(glob.glob(ckpt_glob)), job,
+        t = threading.Thread(target=remove_when, args=(cluster, nodes, lambda: checkpoint_registered(snapshot), job,
                                                        "RayTrainWorker", log2), daemon=True)
         t.start()
         fit, total = fit_student(cfg, store, info.vocab_size)
