@@ -220,7 +220,7 @@ class DemoRecipe:
     teacher_layers: int = 4
     teacher_embd: int = 256
     teacher_heads: int = 4
-    teacher_steps: int = 600
+    teacher_steps: int = 320
     teacher_batch: int = 16
     teacher_lr: float = 3e-3
     teacher_warmup: int = 30
@@ -332,6 +332,7 @@ def demo_teacher(cache_dir: str | None = None, *, recipe: DemoRecipe = RECIPE,
     model.train()
     total, order, pos, step, ema = recipe.teacher_steps, torch.empty(0, dtype=torch.long), 0, 0, None
     start = last_log = time.time()
+    cpu0 = time.process_time()
     while step < total:
         elapsed = time.time() - start
         if elapsed >= budget:
@@ -362,8 +363,8 @@ def demo_teacher(cache_dir: str | None = None, *, recipe: DemoRecipe = RECIPE,
     model.eval()
     with torch.no_grad():
         ce = float(model(input_ids=held_out, labels=held_out).loss) if len(held_out) else float("nan")
-    train_s = time.time() - start
-    _log(f"teacher: {step} steps in {train_s:.0f}s, held-out cross-entropy {ce:.3f}")
+    train_s, cpu_s = time.time() - start, time.process_time() - cpu0
+    _log(f"teacher: {step} steps in {train_s:.0f}s (CPU {cpu_s:.0f}s), held-out cross-entropy {ce:.3f}")
 
     tmp = tempfile.mkdtemp(prefix=".teacher-", dir=cache)
     try:
@@ -371,7 +372,8 @@ def demo_teacher(cache_dir: str | None = None, *, recipe: DemoRecipe = RECIPE,
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "raydistill_demo.json"), "w") as f:
             json.dump({"recipe": dataclasses.asdict(recipe), "steps": step, "planned_steps": recipe.teacher_steps,
-                       "train_seconds": round(train_s, 1), "held_out_ce": ce, "held_out_sequences": len(held_out),
+                       "train_seconds": round(train_s, 1), "train_cpu_seconds": round(cpu_s, 1),
+                       "held_out_ce": ce, "held_out_sequences": len(held_out),
                        "train_sequences": len(train), "corpus": corpus, "tokenizer": tok_dir}, f, indent=1)
         _replace_dir(tmp, out)
     finally:
