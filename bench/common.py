@@ -56,10 +56,11 @@ class Sizes:
     corpus_bytes: int = 3_000_000
     seq_len: int = 64
     # rows 1-4: a random-init GPT-2 teacher (throughput only) and its init_from_teacher student
-    teacher_layers: int = 2
-    teacher_embd: int = 128
+    # (the demo's shapes: 4 x 256 teacher, 2 x 128 student)
+    teacher_layers: int = 4
+    teacher_embd: int = 256
     teacher_heads: int = 4
-    student: dict = field(default_factory=lambda: {"n_layer": 1, "n_embd": 64, "n_head": 2})
+    student: dict = field(default_factory=lambda: {"n_layer": 2, "n_embd": 128, "n_head": 2})
     docs: int = 40                 # corpus rows (data.max_rows) of rows 1-4
     shard_rows: int = 32
     teacher_batch: int = 16
@@ -91,8 +92,8 @@ class Sizes:
 
 
 QUICK = Sizes(name="quick")
-FULL = Sizes(name="full", seq_len=128, teacher_layers=4, teacher_embd=256, teacher_heads=4,
-             student={"n_layer": 2, "n_embd": 128, "n_head": 2}, docs=200, shard_rows=64,
+FULL = Sizes(name="full", seq_len=128, teacher_layers=6, teacher_embd=384, teacher_heads=6,
+             student={"n_layer": 2, "n_embd": 192, "n_head": 3}, docs=200, shard_rows=64,
              train_steps=120, log_every=10, skip_logs=2, plain_steps=60, replicas=(1, 2, 4),
              v32_layers=2, v32_embd=64, v32_heads=2, v32_train_s=600.0, v32_steps=2000, v32_lr=5e-3,
              v32_train_seq=64,

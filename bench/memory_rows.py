@@ -43,10 +43,13 @@ def sample(root_pid: int) -> dict:
     pss = rss = 0
     top = (0, "")
     n = 0
+    by_name: dict[str, list] = {}
     for p in _tree(root_pid):
         try:
             m = p.memory_full_info()
             name = p.name()
+            if name.startswith("ray::"):  # "ray::MapBatches(_load_shards).submit" -> the task/actor
+                name = name.split(".")[0]
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
         n += 1
@@ -54,7 +57,12 @@ def sample(root_pid: int) -> dict:
         rss += m.rss
         if m.rss > top[0]:
             top = (m.rss, name)
-    return {"pss": pss, "rss": rss, "procs": n, "top_rss": top[0], "top_name": top[1]}
+        entry = by_name.setdefault(name, [0, 0])
+        entry[0] += 1
+        entry[1] += m.pss
+    return {"pss": pss, "rss": rss, "procs": n, "top_rss": top[0], "top_name": top[1],
+            "by_name": {k: {"procs": c, "pss_mib": round(b / 2**20)} for k, (c, b) in
+                        sorted(by_name.items(), key=lambda kv: -kv[1][1])}}
 
 
 def measure(spec: dict, interval_s: float, timeout_s: float) -> dict:
@@ -86,6 +94,8 @@ def measure(spec: dict, interval_s: float, timeout_s: float) -> dict:
                                          "procs": 0, "last_pss": 0})
             p["samples"] += 1
             p["last_pss"] = s["pss"]
+            if s["pss"] > p["pss"]:
+                p["by_name_at_peak"] = s["by_name"]  # which processes make up the phase's peak
             for k in ("pss", "rss", "procs"):
                 p[k] = max(p[k], s[k])
             if s["top_rss"] > p["top_rss"]:
@@ -127,12 +137,18 @@ def run_row_6(sizes, assets: dict, work: str, details: dict) -> list[Row]:
         w1, w4 = a["pss"] - idle1, b["pss"] - idle4
         ratio = b["pss"] / a["pss"]
         c1, c4 = out[1]["child"][phase], out[4]["child"][phase]
+        n1, n4 = a.get("by_name_at_peak", {}), b.get("by_name_at_peak", {})
+        grew = sorted(((n4.get(k, {}).get("pss_mib", 0) - n1.get(k, {}).get("pss_mib", 0), k) for k in set(n1) | set(n4)),
+                      reverse=True)[:2]
+        grew_txt = "; ".join(f"{k}: {n1.get(k, {}).get('procs', 0)} -> {n4.get(k, {}).get('procs', 0)} processes, "
+                             f"{n1.get(k, {}).get('pss_mib', 0):,} -> {n4.get(k, {}).get('pss_mib', 0):,} MiB"
+                             for d, k in grew if d > 50)
         rows.append(Row("6", label, a["pss"] / 2**20, b["pss"] / 2**20, "MiB", ratio, "<= 1.25",
                         judge(ratio, "<=", 1.25),
                         f"above idle: {w1 / 2**20:,.0f} -> {w4 / 2**20:,.0f} MiB (x{w4 / max(w1, 1):.2f}); "
                         f"RSS sum {a['rss'] / 2**20:,.0f} -> {b['rss'] / 2**20:,.0f} MiB; largest process "
                         f"{a['top_name']} {a['top_rss'] / 2**20:,.0f} -> {b['top_rss'] / 2**20:,.0f} MiB; "
-                        f"{c1['tokens']:,} -> {c4['tokens']:,} tokens"))
+                        f"{c1['tokens']:,} -> {c4['tokens']:,} tokens" + (f"; grew most at the peak: {grew_txt}" if grew_txt else "")))
     return rows
 
 

@@ -98,7 +98,7 @@ def test_default_config_shape(tiny_cache, monkeypatch):
     assert demo.cache_dir_default() == tiny_cache
     cfg = demo.default_config(recipe=TINY_RECIPE)
     assert set(cfg) == {"run", "data", "teacher", "targets", "student", "train", "refresh"}
-    assert cfg["run"] == {"name": "demo", "output_dir": "runs/demo", "seed": 0}
+    assert cfg["run"] == {"name": "demo", "output_dir": "runs/demo", "seed": 0, "compare_hard_labels": True}
     assert os.path.isfile(cfg["data"]["path"]) and cfg["data"]["max_rows"] == TINY_RECIPE.student_rows
     assert cfg["teacher"]["model"] == demo.demo_teacher(tiny_cache, recipe=TINY_RECIPE)
     assert cfg["targets"]["format"] == "sampled" and cfg["targets"]["samples"] == 50
