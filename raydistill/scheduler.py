@@ -13,8 +13,9 @@ every `refresh.every_steps` steps, asks its policy for `ceil(refresh.fraction ×
   (`effective_bound`; the scheduler warns once and reports `kept_up: false`);
 - `Random(seed)`: uniform, no bound; it exists to show the age tail that round robin removes.
 
-A decision starts a teacher pass in a background thread (`run_teacher_pass`, pool capped by
-`refresh.max_replicas`), so training never waits; new shard versions are committed one by one as
+A decision starts a teacher pass in a background thread (`run_teacher_pass` on a `TeacherPool`
+of long-lived replicas, min(teacher.replicas, refresh.max_replicas), that load the teacher once per
+revision instead of once per pass), so training never waits; new shard versions are committed one by one as
 they land, and the trainer picks them up at its next epoch start. While a pass runs no other
 starts: a decision falling due meanwhile starts as soon as the pass ends.
 
@@ -409,7 +410,10 @@ class RefreshScheduler:
             thread.join(timeout)
         with self._lock:
             self._persist(force=True)
-            return self.state["in_flight"] is None
+            done = self.state["in_flight"] is None
+        if done:
+            self.close_pool()  # hand the replicas' CPUs/GPUs back before evaluation
+        return done
 
     def status(self) -> dict:
         """The figures for the report (see `scheduler_status`)."""
@@ -433,6 +437,25 @@ class RefreshScheduler:
         return max((p["commit_step"] - p["start_step"] for p in self.state["pass_log"]), default=0)
 
     # ------------------------------------------------------------ the real pass
+    def _teacher_pool(self, teacher_rev: str):
+        """The long-lived refresh replicas, reloaded only when the teacher revision changes."""
+        from .teacher import TeacherPool
+
+        pool = getattr(self, "_pool", None)
+        if pool is not None and pool.teacher_rev != teacher_rev:
+            pool.close()
+            pool = None
+        if pool is None:
+            size = min(self.cfg.teacher.replicas, self.cfg.refresh.max_replicas)
+            pool = self._pool = TeacherPool(self.cfg, self.store, vocab_size=self.vocab_size, size=size,
+                                            teacher_rev=teacher_rev)
+        return pool
+
+    def close_pool(self) -> None:
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.close()
+
     def _teacher_pass(self, decision: RefreshDecision, on_commit) -> dict:
         from .models import model_revision
         from .teacher import run_teacher_pass
@@ -451,7 +474,8 @@ class RefreshScheduler:
         stats = run_teacher_pass(cfg, self.store, list(decision.shard_ids), vocab_size=self.vocab_size,
                                  teacher_rev=teacher_rev, step=decision.step, source=r.source, seed=seed,
                                  inputs=inputs, policy_version=policy_version,
-                                 max_replicas=r.max_replicas, metrics=self.metrics, on_commit=on_commit)
+                                 max_replicas=r.max_replicas, metrics=self.metrics, on_commit=on_commit,
+                                 pool=self._teacher_pool(teacher_rev))
         if inputs:
             _prune_policy_inputs(self.store, list(inputs))
         return dict(stats, teacher_rev=teacher_rev, **extra)
@@ -605,8 +629,9 @@ def _check_room(cfg) -> None:
 
     t, tr, r = cfg.teacher, cfg.train, cfg.refresh
     total = ray.cluster_resources()
-    need_cpu = tr.workers * tr.cpus_per_worker + r.max_replicas * t.cpus_per_replica + 0.5  # + data tasks
-    need_gpu = (tr.workers if tr.use_gpu else 0) + r.max_replicas * t.gpus_per_replica
+    pool = min(t.replicas, r.max_replicas)  # the refresh replicas live as long as training
+    need_cpu = tr.workers * tr.cpus_per_worker + pool * t.cpus_per_replica + 0.5  # + data tasks
+    need_gpu = (tr.workers if tr.use_gpu else 0) + pool * t.gpus_per_replica
     short = []
     if total.get("CPU", 0) < need_cpu:
         short.append(f"CPU {need_cpu:g} (cluster {total.get('CPU', 0):g})")

@@ -143,10 +143,9 @@ def task_seed(seed: int, shard_id: str, version: int) -> int:
 def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab_size: int, teacher_rev: str,
                      step: int = -1, source: str = "initial", seed: int = 0, inputs: dict | None = None,
                      policy_version: int = -1, max_replicas: int | None = None, metrics=None,
-                     on_commit=None) -> dict:
-    """Score `shard_ids` with a pool of teacher replicas and commit each new version as it lands."""
-    import ray.data
-
+                     on_commit=None, pool: "TeacherPool | None" = None) -> dict:
+    """Score `shard_ids` with teacher replicas and commit each new version as it lands: a Ray Data
+    actor pool started for this pass, or `pool`'s long-lived replicas (refresh passes)."""
     params = target_params(cfg.targets)
     stats = {"source": source, "step": step, "shards": 0, "rows": 0, "tokens": 0, "bytes": 0}
     start = time.perf_counter()
@@ -160,19 +159,11 @@ def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab
                       "inputs": (inputs or {}).get(sid) or manifest_inputs[sid]["input"],
                       "policy_version": policy_version})
     replicas = max(1, min(cfg.teacher.replicas, max_replicas or cfg.teacher.replicas, len(tasks)))
-    t = cfg.teacher
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        TeacherReplica, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas),
-        num_cpus=t.cpus_per_replica, num_gpus=t.gpus_per_replica or None,
-        resources=dict(t.resources) or None,
-        fn_constructor_kwargs=dict(model=os.path.expanduser(t.model), dtype=t.dtype,
-                                   trust_remote_code=t.trust_remote_code,
-                                   allow_pickle_weights=t.allow_pickle_weights, revision=t.revision,
-                                   gpus=t.gpus_per_replica, cpus=t.cpus_per_replica, targets=params,
-                                   vocab_size=vocab_size, store_uri=store.uri, batch_size=t.batch_size,
-                                   fault=_fault_from_env()))
-    for row in ds.iter_rows():
+    if pool is not None:
+        replicas, rows = pool.size, pool.score(tasks)
+    else:
+        rows = _ray_data_rows(cfg, store, tasks, replicas, params, vocab_size)
+    for row in rows:
         record = {"rows": int(row["rows"]), "checksum": str(row["checksum"]), "bytes": int(row["bytes"]),
                   "teacher_rev": teacher_rev, "format": params["format"],
                   "params": {k: v for k, v in params.items() if k != "format"},
@@ -191,3 +182,67 @@ def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab
     return dict(stats, seconds=seconds, rows_per_s=stats["rows"] / seconds,
                 tokens_per_s=stats["tokens"] / seconds, replicas=replicas,
                 expected_shards=len(tasks), complete=stats["shards"] == len(tasks))
+
+
+def _replica_kwargs(cfg, params: dict, vocab_size: int, store: SoftTargetStore) -> dict:
+    t = cfg.teacher
+    return dict(model=os.path.expanduser(t.model), dtype=t.dtype, trust_remote_code=t.trust_remote_code,
+                allow_pickle_weights=t.allow_pickle_weights, revision=t.revision, gpus=t.gpus_per_replica,
+                cpus=t.cpus_per_replica, targets=params, vocab_size=vocab_size, store_uri=store.uri,
+                batch_size=t.batch_size, fault=_fault_from_env())
+
+
+def _ray_data_rows(cfg, store, tasks: list[dict], replicas: int, params: dict, vocab_size: int):
+    """One row per scored shard, from a Ray Data actor pool that lives as long as this pass."""
+    import ray.data
+
+    t = cfg.teacher
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+        TeacherReplica, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas),
+        num_cpus=t.cpus_per_replica, num_gpus=t.gpus_per_replica or None,
+        resources=dict(t.resources) or None,
+        fn_constructor_kwargs=_replica_kwargs(cfg, params, vocab_size, store))
+    return ds.iter_rows()
+
+
+class TeacherPool:
+    """Long-lived teacher replicas (plain Ray actors placed like `teacher.*`) for refresh passes.
+
+    A Ray Data pool loads the teacher again for every pass — minutes for a large model — so
+    refresh passes would lag training by that much. This pool loads it once per teacher revision;
+    `score` hands each replica one shard at a time and yields results as they land. A replica that
+    dies is restarted by Ray and its shard retried (`max_task_retries`); its resources stay
+    reserved beside training for the whole run (what `refresh.max_replicas` caps)."""
+
+    def __init__(self, cfg, store: SoftTargetStore, *, vocab_size: int, size: int, teacher_rev: str):
+        import ray
+
+        t = cfg.teacher
+        self.size, self.teacher_rev = max(1, int(size)), teacher_rev
+        kwargs = _replica_kwargs(cfg, target_params(cfg.targets), vocab_size, store)
+        actor = ray.remote(TeacherReplica).options(
+            num_cpus=t.cpus_per_replica, num_gpus=t.gpus_per_replica or 0, resources=dict(t.resources) or None,
+            max_restarts=-1, max_task_retries=3)
+        self.actors = [actor.remote(**kwargs) for _ in range(self.size)]
+
+    def score(self, tasks: list[dict]):
+        import ray
+
+        queue, idle, running = list(tasks), list(self.actors), {}
+        while queue or running:
+            while queue and idle:
+                replica, task = idle.pop(), queue.pop(0)
+                ref = replica.score_shard.remote(task["shard_id"], task["version"], task["inputs"],
+                                                 task["seed"], task["policy_version"])
+                running[ref] = replica
+            done, _ = ray.wait(list(running), num_returns=1)
+            idle.append(running.pop(done[0]))
+            yield ray.get(done[0])
+
+    def close(self) -> None:
+        import ray
+
+        for replica in self.actors:
+            ray.kill(replica)
+        self.actors = []

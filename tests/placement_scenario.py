@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,25 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RAY_START_FAILED = 75  # exit code: Ray itself failed to start, nothing ran; the test may retry
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def node_ports() -> dict:
-    """Explicit ports for one node's agents: the defaults (e.g. 52365) would collide between the
-    nodes of this cluster and with other clusters on the machine."""
-    agent_http, agent_grpc, metrics, env_agent = free_ports(4)
-    return {"dashboard_agent_listen_port": agent_http, "metrics_agent_port": agent_grpc,
-            "metrics_export_port": metrics, "runtime_env_agent_port": env_agent}
+from ports import free_ports, node_ports  # noqa: E402
 
 
 def actors_where(cls_fragment: str) -> list[dict]:

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import pytest
 import yaml
 
 import tiny
+from ports import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -46,20 +46,6 @@ MARKER_VAR = "RAYDISTILL_TEST_MARKER"
 
 
 # ---------------------------------------------------------------- processes we start, and only those
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
 
 def marked_pids(marker: str) -> list[int]:
     """Pids of live processes whose environment carries our marker (never this process)."""

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,29 +34,12 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)  # run as a script too (the scenario)
+
+from ports import node_ports  # noqa: E402
 
 
 # ---------------------------------------------------------------- the scenario (child process)
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def node_ports() -> dict:
-    """Explicit agent ports: the defaults would collide between nodes and with other clusters."""
-    agent_http, agent_grpc, metrics, env_agent = free_ports(4)
-    return {"dashboard_agent_listen_port": agent_http, "metrics_agent_port": agent_grpc,
-            "metrics_export_port": metrics, "runtime_env_agent_port": env_agent}
-
 
 def actors(job: str, fragment: str) -> list[dict]:
     from ray._private.state import actors as actor_table   # GCS table: no dashboard needed

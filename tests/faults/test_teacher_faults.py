@@ -147,3 +147,49 @@ def test_replica_process_killed_from_outside(base_store, tmp_path, tiny_dir, tin
     assert stats["complete"] and stats["rows"] == inputs["train_rows"]
     monkeypatch.delenv("RAYDISTILL_TEACHER_DELAY_S")
     assert_exact(store, info, cfg, inputs, expected)
+
+
+def test_refresh_pool_replica_dies_and_the_pool_stays_loaded(base_store, tmp_path, tiny_dir, tiny_corpus,
+                                                             monkeypatch):
+    """The refresh scheduler's long-lived TeacherPool: a replica dies after writing its 2nd shard;
+    Ray restarts it and retries that shard; the pass is exact. A second pass reuses the same live
+    replica processes (the teacher is not reloaded per pass)."""
+    from ray._private.state import actors
+
+    from raydistill.teacher import TeacherPool, run_teacher_pass
+
+    cfg, info, store, inputs, expected = prepared(tmp_path, tiny_dir, tiny_corpus, base_store)
+    marker = tmp_path / "pool-replica-killed"
+    monkeypatch.setenv("RAYDISTILL_TEACHER_KILL_AT_SHARD", "2")
+    monkeypatch.setenv("RAYDISTILL_TEACHER_KILL_MARKER", str(marker))
+    pool = TeacherPool(cfg, store, vocab_size=info.vocab_size, size=2, teacher_rev=info.teacher_rev)
+    try:
+        stats = run_teacher_pass(cfg, store, store.shard_ids(), vocab_size=info.vocab_size,
+                                 teacher_rev=info.teacher_rev, pool=pool)
+        assert marker.exists(), "the replica was not killed"
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(marker.read_text()), 0)
+        assert stats["complete"] and stats["replicas"] == 2
+        assert stats["shards"] == inputs["shards"] and stats["rows"] == inputs["train_rows"]
+        monkeypatch.delenv("RAYDISTILL_TEACHER_KILL_AT_SHARD")
+        assert_exact(store, info, cfg, inputs, expected)
+
+        ids = [r._actor_id.hex() for r in pool.actors]
+        before = {i: actors()[i] for i in ids}
+        assert sum(a["NumRestarts"] for a in before.values()) == 1 and all(a["State"] == "ALIVE"
+                                                                          for a in before.values())
+        again = store.shard_ids()[:3]
+        stats2 = run_teacher_pass(cfg, store, again, vocab_size=info.vocab_size, teacher_rev=info.teacher_rev,
+                                  step=7, source="teacher", pool=pool)
+        assert stats2["shards"] == 3 and stats2["complete"]
+        after = {i: actors()[i] for i in ids}
+        assert {i: (a["Pid"], a["NumRestarts"]) for i, a in after.items()} == \
+               {i: (a["Pid"], a["NumRestarts"]) for i, a in before.items()}   # same processes, no reload
+        m = store.manifest()
+        for sid in store.shard_ids():
+            current = m["shards"][sid]["current"]
+            assert current == (2 if sid in again else 1)
+            assert m["shards"][sid]["versions"][str(current)]["produced_at_step"] == (7 if sid in again else -1)
+        assert store.verify_all() == {}
+    finally:
+        pool.close()
