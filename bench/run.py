@@ -51,6 +51,22 @@ def gpu_row() -> Row:
                "not run: no GPU lent")
 
 
+def write_results_md(result: dict, json_path: str) -> None:
+    """bench/RESULTS.md: the latest complete run (all rows), as committed and quoted in the README."""
+    m = result["machine"]
+    lines = [f"# Benchmark results — {result['date']}", "",
+             f"Command: `{result['command']}` (`make bench-quick` / `make bench`); raw figures: "
+             f"`{os.path.relpath(json_path, BENCH)}`.", "",
+             f"Machine: {m.get('nproc')} cores ({m.get('cpu_model')}), {m.get('ram_gib')} GiB, GPU: {m.get('gpu')}; "
+             f"Python {m.get('python')}, torch {m.get('torch')}, Ray {m.get('ray')}. Wall {result['wall_s']:.0f} s; "
+             f"load average {result['loadavg_start']} at the start, {result['loadavg_end']} at the end "
+             "(a shared machine: read the ratios, not the absolute rates).", "",
+             "Each row is a ratio to a baseline measured in the same run (see `bench/run.py` and each row's "
+             "module docstring for the method).", "", result["table_md"], ""]
+    with open(os.path.join(BENCH, "RESULTS.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: <= 10 minutes on a 2-core machine")
@@ -60,6 +76,7 @@ def main(argv=None) -> int:
                          "perturbs the timing on small machines")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<date>.json)")
     args = ap.parse_args(argv)
+    args.rows_given = args.rows != ap.get_default("rows")
     sizes = QUICK if args.quick else FULL
     wanted = {r.strip() for r in args.rows.split(",") if r.strip()}
     if wanted & {"2", "3", "4"}:
@@ -138,6 +155,8 @@ def main(argv=None) -> int:
     print(table(rows))
     print()
     print(result["table_md"])
+    if args.out is None and not args.rows_given:
+        write_results_md(result, out)
     print(f"\n{sizes.name} bench: {result['wall_s']:.0f}s wall, load average {load_start} -> {result['loadavg_end']} "
           f"on {cores()} cores; results in {out}")
     if not details["errors"]:

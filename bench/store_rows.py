@@ -237,9 +237,11 @@ def run_row_5(sizes, work: str, details: dict) -> list[Row]:
             res["unique_ids_per_position"] = float(np.mean(np.concatenate(cols[name]["sample_len"])))
         out[name] = res
         target, status = "info", "info"
-        if name == "sampled N=50":
+        # Targets at an LLM-like entropy: the cost of `sampled` grows with the teacher's entropy (unique
+        # ids per position), and this bench's small teacher is far flatter than a trained LLM.
+        if name.startswith("sampled N=50 @"):
             target, status = "<= 60 B/token", "pass" if bpt <= 60 else "FAIL"
-        elif name == "topk k=32":
+        elif name.startswith("topk k=32 @"):
             target, status = "<= 200 B/token", "pass" if bpt <= 200 else "FAIL"
         uniq = f"{res['unique_ids_per_position']:.1f} unique ids/pos; " if "unique_ids_per_position" in res else ""
         rows.append(Row("5", name, dense_bytes, bpt, "B/token", bpt / dense_bytes, target, status,

@@ -653,7 +653,11 @@ class _RemoteRefreshScheduler(RefreshScheduler):
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         from . import teacher  # noqa: F401  (torch, transformers: imported now, not in the first pass)
+        from .models import model_revision
+
         super().__init__(cfg, store, **kwargs)
+        if self.policy is not None:  # the replicas load the teacher while training starts, not at pass 1
+            self._teacher_pool(model_revision(cfg.teacher.model, cfg.teacher.revision))
 
 
 def start_scheduler(cfg, store, info, name: str, namespace: str | None = None, *,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -37,7 +38,8 @@ def print0(*args) -> None:
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:
-        print(*args, flush=True)
+        # The process's own stdout: Ray Train's print patch would otherwise tee each line twice.
+        print(*args, flush=True, file=sys.__stdout__)
 
 
 # ---------------------------------------------------------------- data
@@ -72,6 +74,7 @@ def store_dataset(store_uri: str, shard_ids: list[str], schema: pa.Schema, what:
     import ray.data
 
     ds = ray.data.from_items([{"shard_id": s} for s in shard_ids], override_num_blocks=len(shard_ids))
+    ds.context.enable_progress_bars = False  # re-read every epoch: rank 0's step log is the progress
     return ds.map_batches(_load_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                           fn_kwargs={"store_uri": store_uri, "what": what, "schema": schema})
 

@@ -427,6 +427,7 @@ def test_on_policy_and_teacher_sources(ray_session, base_store, tmp_path, tiny_d
         label = logp.gather(-1, ids_new[:, 1:, None]).squeeze(-1)
         assert torch.allclose(targets.label_logprob, label, atol=2e-2, rtol=1e-3)
 
+    s.close_pool()
     # source=teacher (the teacher copied with its mtimes: the same revision); each pass re-reads it
     cfg.refresh.source = "teacher"
     cfg.teacher.model = str(teacher)
@@ -446,3 +447,5 @@ def test_on_policy_and_teacher_sources(ray_session, base_store, tmp_path, tiny_d
     assert [store.current(sid)["teacher_rev"] for sid in ("00006", "00007", "00008")] == [rev2] * 3
     assert [store.current(sid)["policy_version"] for sid in ("00006", "00007", "00008")] == [-1] * 3
     assert s.status()["passes"] == 3 and s.status()["restarts"] == 1
+    assert s._pool.teacher_rev == rev2        # the long-lived replicas were reloaded for the new revision
+    s.close_pool()
