@@ -6,9 +6,9 @@ student reaches alone, with no network. It builds one from what every Python ins
 * corpus: the standard library's own source (6 MB of ~2-4 KB pieces, tests and generated tables
   excluded, in a hashed order), a Parquet file;
 * tokenizer: byte-level BPE with a 2,048 vocabulary trained on that corpus;
-* teacher: GPT-2 4 layers x 256 trained on the rows the student never sees, for 320 steps or
+* teacher: GPT-2 4 layers x 256 trained on the rows the student never sees, for 256 steps or
   200 s (whichever first; the cosine schedule shrinks to the steps that fit);
-* student: 2 layers x 128 built from the teacher's config (`student.init_from_teacher`), 300 DDP
+* student: 2 layers x 128 built from the teacher's config (`student.init_from_teacher`), 220 DDP
   steps on 2 workers, `sampled` targets (N = 50) with alpha 0.5 — and the same student on hard
   labels alone (`run.compare_hard_labels`) for the report.
 
@@ -238,7 +238,7 @@ class DemoRecipe:
     teacher_layers: int = 4
     teacher_embd: int = 256
     teacher_heads: int = 4
-    teacher_steps: int = 320
+    teacher_steps: int = 256
     teacher_batch: int = 16
     teacher_lr: float = 3e-3
     teacher_warmup: int = 30
@@ -249,7 +249,7 @@ class DemoRecipe:
     student_layers: int = 2
     student_embd: int = 128
     student_heads: int = 2
-    student_steps: int = 300
+    student_steps: int = 220
     student_batch: int = 8          # per worker; 2 workers -> global batch 16
     student_epochs: int = 10
     student_lr: float = 3e-3
