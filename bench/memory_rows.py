@@ -48,7 +48,7 @@ def sample(root_pid: int) -> dict:
         try:
             m = p.memory_full_info()
             name = p.name()
-            if name.startswith("ray::"):  # "ray::MapBatches(_load_shards).submit" -> the task/actor
+            if name.startswith("ray::"):  # "ray::MapBatches(load_shards).submit" -> the task/actor
                 name = name.split(".")[0]
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .errors import CorruptShardError
 from .losses import distill_loss, temperature_at
+from .shard_reader import store_dataset
 from .targets import decode, from_logits
 
 
@@ -44,39 +44,12 @@ def print0(*args) -> None:
 
 # ---------------------------------------------------------------- data
 
-def _load_shards(batch: pa.Table, *, store_uri: str, what: str, schema: pa.Schema) -> pa.Table:
-    """Map step: shard ids → that shard's current rows (targets) or its inputs."""
-    from .store import SoftTargetStore
-
-    store = SoftTargetStore(store_uri)
-    tables = []
-    for sid in batch.column("shard_id").to_pylist():
-        try:
-            table = store.read_shard(sid) if what == "targets" else store.read_input(sid)
-        except CorruptShardError as e:
-            # Never train on a bad shard: skip it this epoch; the next teacher pass re-issues it.
-            print(f"raydistill: skipping shard {sid}: {e}", flush=True)
-            continue
-        tables.append(table.select(schema.names).cast(schema))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
 def dataset_schema(what: str, fmt: str, vocab_size: int) -> pa.Schema:
     from .targets import arrow_schema, id_type
 
     if what == "inputs":
         return pa.schema([("seq_id", pa.int64()), ("input_ids", pa.list_(id_type(vocab_size)))])
     return arrow_schema(fmt, vocab_size)
-
-
-def store_dataset(store_uri: str, shard_ids: list[str], schema: pa.Schema, what: str = "targets"):
-    """A lazily executed dataset of the shards' current rows; re-read at every epoch."""
-    import ray.data
-
-    ds = ray.data.from_items([{"shard_id": s} for s in shard_ids], override_num_blocks=len(shard_ids))
-    ds.context.enable_progress_bars = False  # re-read every epoch: rank 0's step log is the progress
-    return ds.map_batches(_load_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                          fn_kwargs={"store_uri": store_uri, "what": what, "schema": schema})
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -404,7 +377,8 @@ def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: f
         run_config=RunConfig(name=f"{cfg.run.name}-{label}", storage_path=f"{output_dir}/checkpoints",
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": lambda: store_dataset(store_uri, shard_ids, schema, what)},
+        datasets={"train": lambda: store_dataset(store_uri, shard_ids, schema, what,
+                                                 readers=max(2, cfg.train.workers))},
     )
     return trainer.fit(), total
 

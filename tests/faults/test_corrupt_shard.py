@@ -2,7 +2,7 @@
 detected by their manifest checksum / size before training uses them, never trained on, reported,
 and re-issued as a new version by the next teacher pass.
 
-  * the train loader (`train._load_shards`, run by Ray Data inside every epoch) verifies each shard
+  * the train loader (`shard_reader.load_shards`, run by Ray Data inside every epoch) verifies each shard
     it reads and skips a damaged one: a DDP fit over a damaged store trains only on intact rows
     (checked with the RAYDISTILL_AUDIT_DIR seq_id audit);
   * `pipeline.score_pending` (the pass a run starts with, and a re-run resumes with) runs
@@ -26,7 +26,8 @@ from raydistill.errors import CorruptShardError
 from raydistill.models import preflight
 from raydistill.pipeline import open_store, score_pending
 from raydistill.store import SoftTargetStore
-from raydistill.train import _load_shards, dataset_schema, fit_student, read_final_state
+from raydistill.shard_reader import load_shards
+from raydistill.train import dataset_schema, fit_student, read_final_state
 
 from test_teacher_pass import make_cfg
 
@@ -59,7 +60,7 @@ def damage(store, shard_ids):
 # ---------------------------------------------------------------- the loader, without Ray
 
 def test_loader_skips_damaged_shards(tmp_path):
-    """`_load_shards` (the map step of the train dataset) returns only intact shards' rows."""
+    """`load_shards` (the map step of the train dataset) returns only intact shards' rows."""
     targets = {"format": "topk", "k": 3, "capture_temperature": 1.0}
     store = SoftTargetStore.open(str(tmp_path / "s"), tokenizer={"name": "t", "vocab_size": 50, "hash": "h"},
                                  targets=targets)
@@ -74,14 +75,14 @@ def test_loader_skips_damaged_shards(tmp_path):
                               "produced_at_step": -1, "policy_version": -1})
     bad = damage(store, ["b", "c", "d"])
     schema = dataset_schema("targets", "topk", 50)
-    out = _load_shards(pa.table({"shard_id": ["a", "b", "c", "d"]}), store_uri=store.uri, what="targets",
+    out = load_shards(pa.table({"shard_id": ["a", "b", "c", "d"]}), store_uri=store.uri, what="targets",
                        schema=schema)
     assert out.schema == schema and sorted(out["seq_id"].to_pylist()) == list(range(5))
     for sid, reason in bad.items():
         with pytest.raises(CorruptShardError, match=reason) as ei:
             store.read_shard(sid)
         assert ei.value.shard_id == sid and ei.value.version == 1 and sid in str(ei.value)
-        one = _load_shards(pa.table({"shard_id": [sid]}), store_uri=store.uri, what="targets", schema=schema)
+        one = load_shards(pa.table({"shard_id": [sid]}), store_uri=store.uri, what="targets", schema=schema)
         assert one.num_rows == 0 and one.schema == schema
     assert sorted(store.verify_all()) == ["b", "c", "d"]
 
