@@ -10,7 +10,9 @@ every `refresh.every_steps` steps, asks its policy for `ceil(refresh.fraction ×
   `bound_steps = ceil(1/fraction) × every_steps` plus the latency L of one pass (in steps) — as
   long as a pass takes at most every_steps steps. A slower pass delays the next decision (one pass
   at a time), decisions are then L apart and the bound is ceil(1/fraction) × max(every_steps, L) + L
-  (`effective_bound`; the scheduler warns once and reports `kept_up: false`);
+  (`effective_bound`; the scheduler warns once and reports `kept_up: false`). A decision also
+  takes every shard already past ceil(1/fraction) × every_steps (after an outage of the actor or
+  a failed pass), so such a backlog clears in one pass instead of ceil(1/fraction);
 - `Random(seed)`: uniform, no bound; it exists to show the age tail that round robin removes.
 
 A decision starts a teacher pass in a background thread (`run_teacher_pass` on a `TeacherPool`
@@ -272,6 +274,11 @@ class RefreshScheduler:
         # Catch up at most one slot: after a long outage one extra pass, not a burst of them.
         slot = max(last + S, (step // S - 1) * S)
         k = shards_per_decision(self.fraction, len(ages))
+        bound = bound_steps(self.fraction, S)
+        if isinstance(self.policy, RoundRobin):
+            # Shards already past the bound (after an outage, or behind slow passes) all go in this
+            # pass rather than waiting for their turn. While passes keep up none is ever past it.
+            k = max(k, sum(1 for a in ages.values() if a is None or a > bound))
         ids = tuple(self.policy.select(ages, k, step))
         known = [a for a in ages.values() if a is not None]
         oldest = max(known) if known else None

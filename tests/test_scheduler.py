@@ -202,7 +202,9 @@ def test_failed_pass_is_retried_and_none_policy_never_decides(tmp_path):
                          persist_every_s=1e9)
     for step in range(1, 5):
         s.on_step(step)
-    assert calls == [("00000", "00001"), ("00000", "00001")]   # the failed shards are still the oldest
+    # the retry takes the failed shards first (still the oldest) and, with them, every shard already
+    # past the bound ceil(1/0.5) x 2 = 4: at step 4 all four initial shards are aged 5
+    assert calls == [("00000", "00001"), ("00000", "00001", "00002", "00003")]
     st = s.status()
     assert st["failed_passes"] == 1 and st["passes"] == 1 and "teacher replica died" in st["pass_log"][0]["error"]
 
@@ -449,3 +451,23 @@ def test_on_policy_and_teacher_sources(ray_session, base_store, tmp_path, tiny_d
     assert s.status()["passes"] == 3 and s.status()["restarts"] == 1
     assert s._pool.teacher_rev == rev2        # the long-lived replicas were reloaded for the new revision
     s.close_pool()
+
+
+def test_after_an_outage_every_overdue_shard_is_refreshed_at_once(tmp_path):
+    """Steps 1-30 go unseen (the actor was down): at the next decision every shard past the bound
+    is taken in one pass, not one quarter per period, so the oldest age falls back under the bound
+    one pass later instead of ceil(1/f) passes later."""
+    store = make_store(tmp_path / "store", 8)
+    s = RefreshScheduler(make_cfg(fraction=0.25, every=4), store, run_pass=instant_pass(), background=False,
+                         persist_every_s=1e9)
+    for step in range(1, 9):
+        s.on_step(step)
+    assert s.status()["passes"] == 2
+    d = s.on_step(40)                                     # an outage: steps 9-39 never reached the actor
+    assert d is not None and len(d.shard_ids) == 8        # all 8 are past the bound of 16
+    assert max(a for a in s.ages_at(40).values()) == 0
+    for step in range(41, 120):
+        s.on_step(step)
+    st = s.status()
+    after = [a["max_age"] for a in st["ages"] if a["step"] > 40]
+    assert after and max(after) <= st["bound_steps"]      # and the schedule is bounded again
