@@ -186,10 +186,14 @@ class _Resuming:
             s._close_pass({"rows": 0, "tokens": 0, "seconds": 0.0, "complete": True, "resumed": True},
                           f, commit_step=step)
             return _Idle().on_step(s, step)
-        decision = RefreshDecision(left, f"resume the pass of step {f['start_step']} after a restart "
-                                         f"({len(left)} of {len(f['shards'])} shards left)",
-                                   step=step, slot=f["slot"])
-        return s._launch(decision, start_step=f["start_step"], original=f["shards"]), decision
+        # Shards that went past the bound during the outage ride along: waiting for the next
+        # decision would add a whole pass to their age.
+        overdue = tuple(sid for sid in s.overdue(step) if sid not in left)
+        decision = RefreshDecision(left + overdue, f"resume the pass of step {f['start_step']} after a "
+                                   f"restart ({len(left)} of {len(f['shards'])} shards left, "
+                                   f"{len(overdue)} overdue)", step=step, slot=f["slot"])
+        return s._launch(decision, start_step=f["start_step"], original=list(f["shards"]) + list(overdue)), \
+            decision
 
 
 class _Stopped:
@@ -264,6 +268,15 @@ class RefreshScheduler:
         """{shard_id: age at `step`} (None: the shard has no current version)."""
         return {sid: None if p is None else step - p for sid, p in self.produced.items()}
 
+    def overdue(self, step: int) -> list[str]:
+        """Round robin: the shards older than its bound at `step` (or without a version), oldest first."""
+        bound = bound_steps(self.fraction, self.every)
+        if not isinstance(self.policy, RoundRobin) or bound is None:
+            return []
+        ages = self.ages_at(step)
+        return sorted((sid for sid, a in ages.items() if a is None or a > bound),
+                      key=lambda sid: _oldest_key(ages, sid))
+
     def decide(self, step: int, ages: dict[str, int | None]) -> RefreshDecision | None:
         """A decision if one is due at `step` (every `every_steps` steps), else None."""
         if self.policy is None or not ages:
@@ -274,11 +287,9 @@ class RefreshScheduler:
         # Catch up at most one slot: after a long outage one extra pass, not a burst of them.
         slot = max(last + S, (step // S - 1) * S)
         k = shards_per_decision(self.fraction, len(ages))
-        bound = bound_steps(self.fraction, S)
-        if isinstance(self.policy, RoundRobin):
-            # Shards already past the bound (after an outage, or behind slow passes) all go in this
-            # pass rather than waiting for their turn. While passes keep up none is ever past it.
-            k = max(k, sum(1 for a in ages.values() if a is None or a > bound))
+        # Shards already past the bound (after an outage, or behind slow passes) all go in this
+        # pass rather than waiting for their turn. While passes keep up none is ever past it.
+        k = max(k, len(self.overdue(step)))
         ids = tuple(self.policy.select(ages, k, step))
         known = [a for a in ages.values() if a is not None]
         oldest = max(known) if known else None

@@ -188,6 +188,34 @@ def test_pass_interrupted_by_a_restart_is_resumed(tmp_path):
     assert [d.shard_ids for d in log][-1] == ("00002", "00003")   # the schedule goes on at step 8
 
 
+def test_resumed_pass_takes_the_shards_that_went_overdue_in_the_outage(tmp_path):
+    """Killed in the pass of step 4; back at step 30 (bound ceil(1/0.25) x 4 = 16): the resumed pass
+    re-issues the uncommitted shard plus every shard now older than 16, oldest first."""
+    store = make_store(tmp_path / "store", 8)
+    cfg = make_cfg(every=4)
+
+    def dies_after_one(decision, on_commit):
+        sid = decision.shard_ids[0]
+        fake_commit(store, sid, decision.step)
+        on_commit(sid, {"produced_at_step": decision.step})
+        raise _Killed()
+
+    a = RefreshScheduler(cfg, store, run_pass=dies_after_one, background=False, persist_every_s=0)
+    for step in (1, 2, 3):
+        a.on_step(step)
+    with pytest.raises(_Killed):
+        a.on_step(4)
+    log = []
+    b = RefreshScheduler(cfg, store, run_pass=instant_pass(store, log), background=False, persist_every_s=0)
+    b.on_step(30)
+    # 00000 landed at step 4 (age 26 > 16 too, but it is the newest); the other 7 are aged 31
+    assert log[0].shard_ids == ("00001",                                               # left uncommitted
+                                "00002", "00003", "00004", "00005", "00006", "00007",  # aged 31
+                                "00000")                                               # aged 26
+    assert store.state("scheduler")["in_flight"] is None
+    assert max(b.ages_at(30).values()) == 0
+
+
 def test_failed_pass_is_retried_and_none_policy_never_decides(tmp_path):
     store = make_store(tmp_path / "store", 4)
     calls = []
@@ -317,7 +345,7 @@ def test_bound_holds_during_training_and_across_a_scheduler_kill(ray_session, ba
     from raydistill.scheduler import (drain, fit_kwargs, scheduler_status, start_scheduler, stop_scheduler)
     from raydistill.train import fit_student
 
-    every = 5
+    every = 20  # a refresh pass on the warm pool takes a few steps of this tiny student: it keeps up
     cfg, info, store = _copy_store(base_store, tmp_path, tiny_dir, tiny_corpus, train__epochs=32,
                                    refresh__every_steps=every)
     name, ns = f"sched-{tmp_path.name}-{os.getpid()}", "raydistill-tests"
@@ -369,7 +397,11 @@ def test_bound_holds_during_training_and_across_a_scheduler_kill(ray_session, ba
     ages = [a["max_age"] for a in st["ages"]]
     assert len(ages) > total // 2 and st["max_age_seen"] == max(ages) and st["bound_steps"] == 4 * every
     assert max(ages) <= st["effective_bound_steps"] == 4 * max(every, latency) + latency
-    if latency <= every:  # the refresh kept up with training: the design's bound
+    # The design's bound, ceil(1/f)·S plus one pass's latency (the interrupted pass's, which
+    # includes the outage), holds whenever the other passes kept up (latency <= S).
+    others = [p["commit_step"] - p["start_step"] for i, p in enumerate(st["pass_log"]) if i != killed["passes"]]
+    print("latencies of the other passes", sorted(others)[-5:])
+    if max(others) <= every:
         assert max(ages) <= st["bound_steps"] + latency
     # sharper, from the actual pass timings: with 9 shards and 3 per pass every shard is re-produced
     # within any m = 3 consecutive passes, so an age seen before pass j lands is at most
