@@ -188,7 +188,7 @@ class _Resuming:
             return _Idle().on_step(s, step)
         # Shards that went past the bound during the outage ride along: waiting for the next
         # decision would add a whole pass to their age.
-        overdue = tuple(sid for sid in s.overdue(step) if sid not in left)
+        overdue = tuple(sid for sid in s.overdue(s.ages_at(step)) if sid not in left)
         decision = RefreshDecision(left + overdue, f"resume the pass of step {f['start_step']} after a "
                                    f"restart ({len(left)} of {len(f['shards'])} shards left, "
                                    f"{len(overdue)} overdue)", step=step, slot=f["slot"])
@@ -268,12 +268,11 @@ class RefreshScheduler:
         """{shard_id: age at `step`} (None: the shard has no current version)."""
         return {sid: None if p is None else step - p for sid, p in self.produced.items()}
 
-    def overdue(self, step: int) -> list[str]:
-        """Round robin: the shards older than its bound at `step` (or without a version), oldest first."""
+    def overdue(self, ages: dict[str, int | None]) -> list[str]:
+        """Round robin: the shards older than its bound (or without a version), oldest first."""
         bound = bound_steps(self.fraction, self.every)
         if not isinstance(self.policy, RoundRobin) or bound is None:
             return []
-        ages = self.ages_at(step)
         return sorted((sid for sid, a in ages.items() if a is None or a > bound),
                       key=lambda sid: _oldest_key(ages, sid))
 
@@ -289,7 +288,7 @@ class RefreshScheduler:
         k = shards_per_decision(self.fraction, len(ages))
         # Shards already past the bound (after an outage, or behind slow passes) all go in this
         # pass rather than waiting for their turn. While passes keep up none is ever past it.
-        k = max(k, len(self.overdue(step)))
+        k = max(k, len(self.overdue(ages)))
         ids = tuple(self.policy.select(ages, k, step))
         known = [a for a in ages.values() if a is not None]
         oldest = max(known) if known else None

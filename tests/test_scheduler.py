@@ -158,7 +158,8 @@ class _Killed(BaseException):
     """Stands for the actor process dying mid-pass (not an error the scheduler catches)."""
 
 
-def test_pass_interrupted_by_a_restart_is_resumed(tmp_path):
+def killed_in_the_pass_of_step_4(tmp_path):
+    """8 shards, f=0.25, S=4: the actor dies in the pass of step 4 after committing its first shard."""
     store = make_store(tmp_path / "store", 8)
     cfg = make_cfg(every=4)
 
@@ -173,6 +174,11 @@ def test_pass_interrupted_by_a_restart_is_resumed(tmp_path):
         a.on_step(step)
     with pytest.raises(_Killed):
         a.on_step(4)
+    return store, cfg
+
+
+def test_pass_interrupted_by_a_restart_is_resumed(tmp_path):
+    store, cfg = killed_in_the_pass_of_step_4(tmp_path)
     assert store.state("scheduler")["in_flight"]["shards"] == ["00000", "00001"]
 
     log = []
@@ -191,20 +197,7 @@ def test_pass_interrupted_by_a_restart_is_resumed(tmp_path):
 def test_resumed_pass_takes_the_shards_that_went_overdue_in_the_outage(tmp_path):
     """Killed in the pass of step 4; back at step 30 (bound ceil(1/0.25) x 4 = 16): the resumed pass
     re-issues the uncommitted shard plus every shard now older than 16, oldest first."""
-    store = make_store(tmp_path / "store", 8)
-    cfg = make_cfg(every=4)
-
-    def dies_after_one(decision, on_commit):
-        sid = decision.shard_ids[0]
-        fake_commit(store, sid, decision.step)
-        on_commit(sid, {"produced_at_step": decision.step})
-        raise _Killed()
-
-    a = RefreshScheduler(cfg, store, run_pass=dies_after_one, background=False, persist_every_s=0)
-    for step in (1, 2, 3):
-        a.on_step(step)
-    with pytest.raises(_Killed):
-        a.on_step(4)
+    store, cfg = killed_in_the_pass_of_step_4(tmp_path)
     log = []
     b = RefreshScheduler(cfg, store, run_pass=instant_pass(store, log), background=False, persist_every_s=0)
     b.on_step(30)
