@@ -456,7 +456,7 @@ class RefreshScheduler:
     # ------------------------------------------------------------ the real pass
     def _teacher_pool(self, teacher_rev: str):
         """The long-lived refresh replicas, reloaded only when the teacher revision changes."""
-        from .teacher import TeacherPool
+        from .refresh.pool import TeacherPool
 
         pool = getattr(self, "_pool", None)
         if pool is not None and pool.teacher_rev != teacher_rev:

@@ -156,7 +156,8 @@ def test_refresh_pool_replica_dies_and_the_pool_stays_loaded(base_store, tmp_pat
     replica processes (the teacher is not reloaded per pass)."""
     from ray._private.state import actors
 
-    from raydistill.teacher import TeacherPool, run_teacher_pass
+    from raydistill.refresh.pool import TeacherPool
+    from raydistill.teacher import run_teacher_pass
 
     cfg, info, store, inputs, expected = prepared(tmp_path, tiny_dir, tiny_corpus, base_store)
     marker = tmp_path / "pool-replica-killed"
