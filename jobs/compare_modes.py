@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except RaydistillError as e:
         print(f"compare_modes: {e}", file=sys.stderr)
         return 2
-    from raydistill.pipeline import init_ray
+    from raydistill.cluster import init_ray
 
     init_ray(cfgs[modes[0]])  # once, before the clocks start: no mode pays for Ray's start
     rows = []

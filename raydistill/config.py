@@ -2,7 +2,7 @@
 
 Sections (every key optional except ``teacher.model``; see ``configs/default.yaml``):
 
-    run       name, output_dir, seed, compare_hard_labels
+    run       name, output_dir, seed, compare_hard_labels, resource_wait_s
     data      path, text_column, seq_len, eval_fraction, max_rows
     teacher   model, revision, dtype, replicas, cpus_per_replica, gpus_per_replica, batch_size,
               trust_remote_code, allow_pickle_weights, resources
@@ -50,6 +50,7 @@ class RunConfig:
     output_dir: str = "runs/distill"
     seed: int = 0
     compare_hard_labels: bool = False  # also train the same student on hard labels alone (alpha 0)
+    resource_wait_s: float = 1800.0  # how long a phase waits for nodes an autoscaler is launching
 
 
 @dataclass(kw_only=True)
@@ -303,6 +304,7 @@ _NONEMPTY = (len, "is empty")
 _RULES: dict[str, tuple[Any, str, str]] = {
     "run.name": (*_NONEMPTY, "give the run a name"),
     "run.output_dir": (*_NONEMPTY, "use a local directory or a URI such as s3://bucket/runs/x"),
+    "run.resource_wait_s": (*_ge(0), "use a number of seconds, e.g. 1800 (0: do not wait for new nodes)"),
     "data.text_column": (*_NONEMPTY, "name the column that holds the text"),
     "data.seq_len": (*_ge(2), "use at least 2 tokens (each target describes the next token)"),
     "data.eval_fraction": (*_in(0, 1, hi_open=True), "use e.g. 0.05 (0: no held-out eval)"),

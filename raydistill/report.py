@@ -31,11 +31,45 @@ import json
 import math
 import numbers
 import os
-import tempfile
 
-__all__ = ["write_report"]
+from .fsutil import atomic_write
+
+__all__ = ["build_report", "write_report"]
 
 PLOTS = ("loss.png", "staleness.png", "throughput.png")
+
+
+def build_report(cfg, store, *, out_dir: str, phases: dict, inputs: dict, passes: list, state: dict,
+                 total_steps: int, history: dict, evaluation: dict, students: dict,
+                 refresh: dict | None) -> dict:
+    """The report dict of one run (keys above) from what its phases returned."""
+    from .refresh import teacher_compute
+
+    t = cfg.train
+    tokens = [h["tokens_per_s"] for h in state["history"]]
+    report = {
+        "run": {"name": cfg.run.name, "mode": cfg.mode, "output_dir": out_dir, "store": store.uri},
+        "config": cfg.to_dict(),
+        "phases": phases,
+        "inputs": inputs,
+        "teacher_passes": passes,
+        "store": dict(store.summary(), format=cfg.targets.format),
+        "train": {"steps": state["step"], "total_steps": total_steps,
+                  "tokens_per_s": sum(tokens) / len(tokens) if tokens else None,
+                  "final_loss": state["history"][-1]["loss"] if state["history"] else None,
+                  "resumed_from_step": state.get("resumed_from")},
+        "history": history,
+        "eval": evaluation,
+        "outputs": {"student": students["student"], "report": os.path.join(out_dir, "report.json")},
+    }
+    # Online mode: the teacher's forward runs inside every step, over every token trained on.
+    online = state["step"] * max(t.workers, 1) * t.batch_size * t.grad_accum * cfg.data.seq_len
+    report["teacher_compute"] = teacher_compute(passes, refresh, online_tokens=online if t.online else 0)
+    if refresh is not None:
+        refresh = dict(refresh)
+        report["ages"] = refresh.pop("ages")
+        report["refresh"] = refresh
+    return report
 
 
 def write_report(output_dir: str, report: dict) -> dict[str, str]:
@@ -50,7 +84,7 @@ def write_report(output_dir: str, report: dict) -> dict[str, str]:
     written: dict[str, str] = {}
 
     path = os.path.join(output_dir, "report.json")
-    _atomic_write(path, (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
+    atomic_write(path, (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
     written["report.json"] = path
 
     for name, draw in (("loss.png", _plot_loss), ("staleness.png", _plot_staleness),
@@ -61,31 +95,16 @@ def write_report(output_dir: str, report: dict) -> dict[str, str]:
             if os.path.exists(path):
                 os.remove(path)
             continue
-        _atomic_write(path, png)
+        atomic_write(path, png)
         written[name] = path
 
     path = os.path.join(output_dir, "report.md")
-    _atomic_write(path, _markdown(report, [n for n in PLOTS if n in written]).encode())
+    atomic_write(path, _markdown(report, [n for n in PLOTS if n in written]).encode())
     written["report.md"] = path
     return written
 
 
 # ---------------------------------------------------------------------------------------- files
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _json_default(o):

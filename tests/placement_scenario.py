@@ -57,10 +57,11 @@ def main() -> int:
     import ray
     from ray.cluster_utils import Cluster
 
+    from raydistill.cluster import check_resources
     from raydistill.config import load_config
     from raydistill.data import build_inputs
     from raydistill.models import preflight
-    from raydistill.pipeline import check_resources, open_store, score_pending
+    from raydistill.pipeline import open_store, score_pending
     from raydistill.train import fit_student, read_final_state
 
     cfg = load_config(None, [

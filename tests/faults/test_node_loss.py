@@ -96,10 +96,11 @@ def scenario(args) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
+    from raydistill.cluster import check_resources
     from raydistill.config import load_config
     from raydistill.data import build_inputs
     from raydistill.models import preflight
-    from raydistill.pipeline import check_resources, open_store
+    from raydistill.pipeline import open_store
     from raydistill.teacher import run_teacher_pass
     from raydistill.train import fit_student, read_final_state
 

@@ -1,4 +1,4 @@
-"""Not enough cluster resources: `pipeline.check_resources` (called right after Ray starts, before any
+"""Not enough cluster resources: `cluster.check_resources` (called right after Ray starts, before any
 teacher or train work) refuses with a RaydistillError naming what is missing and what the nodes
 offer, within a bounded time — instead of a pass or a TorchTrainer waiting forever to be placed.
 
@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from raydistill.cluster import check_resources
 from raydistill.config import load_config
 from raydistill.errors import RaydistillError
-from raydistill.pipeline import check_resources
 
 pytestmark = pytest.mark.slow
 
