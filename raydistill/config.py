@@ -11,7 +11,8 @@ Sections (every key optional except ``teacher.model``; see ``configs/default.yam
     train     workers, use_gpu, cpus_per_worker, resources, epochs, max_steps, batch_size, grad_accum,
               lr, weight_decay, warmup_steps, grad_clip, loss, jsd_beta, alpha, temperature,
               temperature_schedule {kind, start, end}, checkpoint_every, max_failures, online, log_every
-    refresh   policy (none|round_robin|random), fraction, every_steps, source, max_replicas, seed
+    refresh   policy (none|round_robin|random), fraction, every_steps, source, max_replicas, seed,
+              max_age, enforce (wait|warn), max_stall_share
 
 ``load_config(path, overrides, base)`` layers a base dict, a YAML file and ``key.sub=value``
 overrides, then ``Config.from_dict`` checks types, values and cross-field rules and raises one
@@ -42,6 +43,7 @@ LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 SCHEDULES = ("constant", "linear", "cosine")
 REFRESH_POLICIES = ("none", "round_robin", "random")
 REFRESH_SOURCES = ("teacher", "resample", "on_policy")
+REFRESH_ENFORCE = ("wait", "warn")
 
 
 @dataclass(kw_only=True)
@@ -132,8 +134,11 @@ class RefreshConfig:
     fraction: float = 0.0
     every_steps: int = 50
     source: str = "teacher"
-    max_replicas: int = 1  # cap on the refresh teacher pool
+    max_replicas: int = 1  # cap on the refresh teacher pool (it grows up to this while training waits)
     seed: int = 0
+    max_age: int | None = None  # staleness bound in student steps; None: ceil(1/fraction) x every_steps
+    enforce: str = "wait"  # wait: training blocks before a step that would break max_age; warn: log only
+    max_stall_share: float = 0.1  # stall share of the last passes above which the pool grows a replica
 
 
 @dataclass(kw_only=True)
@@ -339,11 +344,13 @@ _RULES: dict[str, tuple[Any, str, str]] = {
     "refresh.fraction": (*_in(0, 1), "use a fraction between 0 and 1"),
     "refresh.every_steps": (*_ge(1), "refresh every N >= 1 student steps"),
     "refresh.max_replicas": (*_ge(1), "allow at least one refresh teacher replica"),
+    "refresh.max_age": (*_ge(1), "use a bound of at least 1 student step, or null for ceil(1/fraction) x every_steps"),
+    "refresh.max_stall_share": (*_in(0, 1), "use a share of the training time between 0 and 1, e.g. 0.1"),
 }
 _CHOICES = {
     "teacher.dtype": DTYPES, "student.dtype": DTYPES, "targets.format": TARGET_FORMATS,
     "train.loss": LOSSES, "train.temperature_schedule.kind": SCHEDULES,
-    "refresh.policy": REFRESH_POLICIES, "refresh.source": REFRESH_SOURCES,
+    "refresh.policy": REFRESH_POLICIES, "refresh.source": REFRESH_SOURCES, "refresh.enforce": REFRESH_ENFORCE,
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?")
 

@@ -9,6 +9,7 @@ dashboard's Prometheus scrapes it.
 | `teacher_rows(n, source)`    | `raydistill_teacher_rows`                              | Counter | run, source |
 | `teacher_tokens(n, source)`  | `raydistill_teacher_tokens`                            | Counter | run, source |
 | `refresh_pass(rows)`         | `raydistill_refresh_passes`, `raydistill_rows_refreshed` | Counter | run       |
+| `refresh_stall(seconds)`     | `raydistill_refresh_stall_seconds`                     | Counter | run         |
 | `shard_ages(max, mean)`      | `raydistill_max_shard_age`, `raydistill_mean_shard_age` | Gauge  | run         |
 | `train_step(loss, tps, step)`| `raydistill_train_loss`, `raydistill_train_tokens_per_s`, `raydistill_train_step` | Gauge | run |
 
@@ -33,6 +34,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "raydistill_teacher_tokens": ("counter", ("run", "source"), "Tokens scored by teacher passes."),
     "raydistill_refresh_passes": ("counter", ("run",), "Refresh teacher passes completed."),
     "raydistill_rows_refreshed": ("counter", ("run",), "Rows re-scored by refresh passes."),
+    "raydistill_refresh_stall_seconds": ("counter", ("run",),
+                                         "Seconds training waited for refresh passes (the staleness bound)."),
     "raydistill_max_shard_age": ("gauge", ("run",), "Max soft-target shard age in student steps."),
     "raydistill_mean_shard_age": ("gauge", ("run",), "Mean soft-target shard age in student steps."),
     "raydistill_train_loss": ("gauge", ("run",), "Student training loss (last step)."),
@@ -102,6 +105,9 @@ class RunMetrics:
     def refresh_pass(self, rows: int) -> None:
         self._record("raydistill_refresh_passes", 1)
         self._record("raydistill_rows_refreshed", rows)
+
+    def refresh_stall(self, seconds: float) -> None:
+        self._record("raydistill_refresh_stall_seconds", seconds)
 
     def shard_ages(self, max_age: float, mean_age: float) -> None:
         self._record("raydistill_max_shard_age", max_age)

@@ -237,7 +237,7 @@ def run(cfg) -> dict:
 
     sched, fit_kw, refresh = None, {}, None
     if cfg.mode == "mixed":  # the refresh scheduler actor re-scores a fraction of the shards as training goes
-        from .scheduler import finish_scheduler, fit_kwargs, scheduler_name, start_scheduler
+        from .refresh import finish_scheduler, fit_kwargs, scheduler_name, start_scheduler
         sched = start_scheduler(cfg, store, info, scheduler_name(cfg), NAMESPACE)
         fit_kw = fit_kwargs(cfg, scheduler_name(cfg), NAMESPACE)
     try:
@@ -278,7 +278,7 @@ def run(cfg) -> dict:
         "eval": evaluation,
         "outputs": {"student": students["student"], "report": os.path.join(out, "report.json")},
     }
-    from .scheduler import teacher_compute
+    from .refresh import teacher_compute
     t = cfg.train
     online = state["step"] * max(t.workers, 1) * t.batch_size * t.grad_accum * cfg.data.seq_len
     report["teacher_compute"] = teacher_compute(passes, refresh, online_tokens=online if t.online else 0)

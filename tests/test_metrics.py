@@ -31,6 +31,7 @@ def test_records_under_ray(ray_session):
     m.teacher_tokens(128 * 63, "initial")
     m.teacher_rows(0, "refresh")           # a zero increment is skipped, not an error
     m.refresh_pass(32)
+    m.refresh_stall(1.5)
     m.shard_ages(max_age=12, mean_age=np.float32(5.5))
     m.train_step(loss=np.float64(3.25), tokens_per_s=1234.5, step=7)
     m.train_step(loss=float("nan"), tokens_per_s=0.0, step=8)
@@ -42,6 +43,7 @@ def test_records_under_ray(ray_session):
         "raydistill_teacher_tokens": (Counter, ("run", "source")),
         "raydistill_refresh_passes": (Counter, ("run",)),
         "raydistill_rows_refreshed": (Counter, ("run",)),
+        "raydistill_refresh_stall_seconds": (Counter, ("run",)),
         "raydistill_max_shard_age": (Gauge, ("run",)),
         "raydistill_mean_shard_age": (Gauge, ("run",)),
         "raydistill_train_loss": (Gauge, ("run",)),

@@ -1,20 +1,16 @@
-"""Refresh scheduler: policy logic stepped with no cluster, then the actor beside real DDP training."""
+"""Refresh scheduler: policy logic and the state machine stepped with no cluster (fake passes)."""
 from __future__ import annotations
 
-import glob
 import math
-import os
-import shutil
 import threading
 import time
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
 from raydistill.config import Config, RefreshConfig, RunConfig
-from raydistill.scheduler import (RefreshDecision, RefreshScheduler, RoundRobin, Random, bound_steps,
-                                  shards_per_decision)
+from raydistill.refresh.policy import RefreshDecision, Random, RoundRobin, bound_steps, shards_per_decision
+from raydistill.refresh.scheduler import RefreshScheduler
 from raydistill.store import SoftTargetStore
 
 # ------------------------------------------------------------------ no cluster: a store and fake passes
@@ -260,12 +256,12 @@ def test_background_pass_latency_counts_in_steps(tmp_path):
 
 def drive_with_latency(latency, *, every=4, steps=240, n_shards=8):
     """Background passes that land exactly `latency` steps after they start (commit_step - start_step)."""
-    from raydistill.scheduler import _Running
+    from raydistill.refresh.scheduler import Running
 
     sched = None
 
     def run(decision, on_commit):
-        while sched.state["last_step"] < decision.step + latency - 1:
+        while sched.state.last_step < decision.step + latency - 1:
             time.sleep(0.0005)   # training goes on meanwhile
         return instant_pass()(decision, on_commit)
 
@@ -274,7 +270,7 @@ def drive_with_latency(latency, *, every=4, steps=240, n_shards=8):
     sched._gc = lambda: None
     for step in range(1, steps + 1):
         sched.on_step(step)
-        if isinstance(sched.phase, _Running) and step >= sched.phase.start_step + latency - 1:
+        if isinstance(sched.phase, Running) and step >= sched.phase.start_step + latency - 1:
             sched._thread.join(10)
     return sched.status()
 
@@ -294,188 +290,6 @@ def test_slow_passes_run_back_to_back_and_the_bound_grows_with_them():
     assert starts[:4] == [4, 13, 22, 31] and not st["kept_up"]           # each waits for the previous one
     assert st["max_age_seen"] > st["bound_steps"] + 9                     # the design's bound is not kept...
     assert st["max_age_seen"] <= st["effective_bound_steps"] == 4 * 9 + 9  # ...this one is
-
-
-# ------------------------------------------------------------------ real Ray
-
-def _train_cfg(tmp_path, tiny_dir, corpus, **over):
-    from test_train import train_cfg
-
-    base = dict(targets__shard_rows=48, train__batch_size=8, train__checkpoint_every=10_000,
-                train__log_every=1000, refresh__policy="round_robin", refresh__fraction=0.25,
-                refresh__every_steps=5, refresh__source="resample", refresh__max_replicas=1)
-    base.update(over)
-    return train_cfg(tmp_path, tiny_dir, corpus, **base)
-
-
-@pytest.fixture(scope="module")
-def base_store(ray_session, tmp_path_factory, tiny_dir, tiny_corpus):
-    """Inputs + initial pass built once (9 shards of <= 48 rows); each test works on a copy."""
-    from test_train import prepared_store
-
-    root = tmp_path_factory.mktemp("sched-base")
-    cfg = _train_cfg(root, tiny_dir, tiny_corpus)
-    _, store = prepared_store(cfg)
-    assert len(store.shard_ids()) >= 8
-    return store.uri
-
-
-def _copy_store(base_uri, tmp_path, tiny_dir, corpus, **over):
-    from test_train import prepared_store
-
-    cfg = _train_cfg(tmp_path, tiny_dir, corpus, **over)
-    shutil.copytree(base_uri, cfg.store_uri)
-    info, store = prepared_store(cfg)          # inputs and initial pass found: nothing re-done
-    assert all(store.current(s)["version"] == 1 for s in store.shard_ids())
-    return cfg, info, store
-
-
-@pytest.mark.slow
-def test_bound_holds_during_training_and_across_a_scheduler_kill(ray_session, base_store, tmp_path, tiny_dir,
-                                                               tiny_corpus, monkeypatch):
-    import ray
-
-    from raydistill.scheduler import (drain, fit_kwargs, scheduler_status, start_scheduler, stop_scheduler)
-    from raydistill.train import fit_student
-
-    every = 20  # a refresh pass on the warm pool takes a few steps of this tiny student: it keeps up
-    cfg, info, store = _copy_store(base_store, tmp_path, tiny_dir, tiny_corpus, train__epochs=32,
-                                   refresh__every_steps=every)
-    name, ns = f"sched-{tmp_path.name}-{os.getpid()}", "raydistill-tests"
-    handle = start_scheduler(cfg, store, info, name, ns, persist_every_s=0)
-    audit = tmp_path / "audit"
-    monkeypatch.setenv("RAYDISTILL_AUDIT_DIR", str(audit))
-
-    killed = {}
-
-    def kill_mid_pass():  # once a pass has landed and the next one is running: kill the actor
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            st = scheduler_status(handle)
-            if st["passes"] >= 1 and st["phase"] == "running":
-                killed.update(passes=st["passes"], step=st["last_step"])
-                ray.kill(handle, no_restart=False)
-                return
-            time.sleep(0.5)
-
-    watcher = threading.Thread(target=kill_mid_pass, daemon=True)
-    watcher.start()
-    result, total = fit_student(cfg, store, info.vocab_size, **fit_kwargs(cfg, name, ns))
-    watcher.join(60)
-    assert result.error is None
-    assert drain(handle, 600)
-    st = scheduler_status(handle)                     # the same name answers: the restarted actor
-    assert ray.get_actor(name, namespace=ns)._actor_id == handle._actor_id
-    stop_scheduler(handle)
-    print({k: v for k, v in st.items() if k not in ("ages",)}, "killed", killed, "total", total)
-
-    assert killed, "the scheduler was never seen running a pass after a first one landed"
-    assert st["restarts"] >= 1 and st["passes"] > killed["passes"]            # it resumed, counting on
-    assert st["pass_log"][killed["passes"]]["start_step"] <= killed["step"]    # the interrupted pass finished
-    assert store.state("scheduler")["passes"] == st["passes"]
-    for sid in store.shard_ids():                     # every shard re-produced during training
-        rec = store.current(sid)
-        assert rec["version"] >= 2 and rec["produced_at_step"] >= 0, (sid, rec)
-    # refreshes never made a rank see a row twice in an epoch, and ranks stayed disjoint
-    for epoch in range(cfg.train.epochs):
-        parts = [np.concatenate([np.load(f) for f in glob.glob(str(audit / f"student-rank{r}-epoch{epoch}-*.npy"))])
-                 for r in (0, 1)]
-        assert len(parts[0]) == len(parts[1]) > 0
-        assert all(len(np.unique(p)) == len(p) for p in parts)
-        assert not set(parts[0].tolist()) & set(parts[1].tolist())
-
-    # the bound, from the recorded ages: ceil(1/f)·S plus the slowest pass's latency in steps
-    # (commit_step - start_step; the interrupted pass's includes the actor's outage)
-    latency = max(p["commit_step"] - p["start_step"] for p in st["pass_log"])
-    ages = [a["max_age"] for a in st["ages"]]
-    assert len(ages) > total // 2 and st["max_age_seen"] == max(ages) and st["bound_steps"] == 4 * every
-    assert max(ages) <= st["effective_bound_steps"] == 4 * max(every, latency) + latency
-    # The design's bound, ceil(1/f)·S plus one pass's latency (the interrupted pass's, which
-    # includes the outage), holds whenever the other passes kept up (latency <= S).
-    others = [p["commit_step"] - p["start_step"] for i, p in enumerate(st["pass_log"]) if i != killed["passes"]]
-    print("latencies of the other passes", sorted(others)[-5:])
-    if max(others) <= every:
-        assert max(ages) <= st["bound_steps"] + latency
-    # sharper, from the actual pass timings: with 9 shards and 3 per pass every shard is re-produced
-    # within any m = 3 consecutive passes, so an age seen before pass j lands is at most
-    # commit_j - 1 - start_(j-m) (start_(<=0) = -1: the initial pass), and at the end T - start_(P-m+1)
-    m, log = 3, st["pass_log"]
-    starts, commits = [-1] * m + [p["start_step"] for p in log], [p["commit_step"] for p in log]
-    from_log = max([c - 1 - starts[j] for j, c in enumerate(commits)] +
-                   [st["last_step"] - starts[len(log)] if len(log) >= m else st["last_step"] + 1])
-    print("max age", max(ages), "bound from the pass log", from_log, "latency", latency)
-    assert max(ages) <= from_log
-
-
-@pytest.mark.slow
-def test_on_policy_and_teacher_sources(ray_session, base_store, tmp_path, tiny_dir, tiny_corpus):
-    """Real passes, stepped by hand: student continuations scored by the teacher; a new teacher
-    checkpoint at the same path is picked up by the next pass."""
-    import pyarrow.parquet as pq
-    import torch
-
-    from raydistill.models import build_student, model_revision
-    from raydistill.scheduler import policy_path
-    from raydistill.targets import decode
-    from raydistill.teacher import list_column_to_numpy
-    from raydistill.train import _save_policy
-
-    teacher = tmp_path / "teacher"
-    shutil.copytree(tiny_dir / "gpt2-teacher", teacher)
-    cfg, info, store = _copy_store(base_store, tmp_path, tiny_dir, tiny_corpus, refresh__source="on_policy",
-                                   refresh__every_steps=4)
-    policy_dir = policy_path(cfg)
-    os.makedirs(policy_dir)
-    _save_policy(build_student(cfg.student, cfg.teacher.model, seed=5), policy_dir, 3)
-    s = RefreshScheduler(cfg, store, vocab_size=info.vocab_size, teacher_rev=info.teacher_rev,
-                         policy_dir=policy_dir, background=False, persist_every_s=0)
-    for step in range(1, 5):
-        s.on_step(step)
-    assert s.status()["passes"] == 1
-    L, P = cfg.data.seq_len, cfg.data.seq_len // 2
-    teacher_model = None
-    for sid in ("00000", "00001", "00002"):
-        rec = store.current(sid)
-        assert rec["version"] == 2 and rec["produced_at_step"] == 4 and rec["policy_version"] == 3
-        new, orig = store.read_shard(sid), store.read_input(sid)
-        assert new["seq_id"].to_pylist() == orig["seq_id"].to_pylist()
-        assert set(new["policy_version"].to_pylist()) == {3}
-        ids_new, targets = decode(new, cfg.targets.format)
-        ids_orig = torch.from_numpy(list_column_to_numpy(orig["input_ids"]))
-        assert ids_new.shape == (orig.num_rows, L)
-        assert torch.equal(ids_new[:, :P], ids_orig[:, :P])          # prompts: the corpus' first half
-        assert (ids_new[:, P:] != ids_orig[:, P:]).float().mean() > 0.5   # continuations: the student's
-        assert pq.read_table(store.full_path(f"inputs/policy/{sid}-4.parquet")).num_rows == orig.num_rows
-        if teacher_model is None:                                      # the teacher scored the new rows
-            from raydistill.models import load_causal_lm
-            teacher_model = load_causal_lm(cfg.teacher.model)
-        with torch.no_grad():
-            logp = torch.log_softmax(teacher_model(input_ids=ids_new).logits[:, :-1].float(), -1)
-        label = logp.gather(-1, ids_new[:, 1:, None]).squeeze(-1)
-        assert torch.allclose(targets.label_logprob, label, atol=2e-2, rtol=1e-3)
-
-    s.close_pool()
-    # source=teacher (the teacher copied with its mtimes: the same revision); each pass re-reads it
-    cfg.refresh.source = "teacher"
-    cfg.teacher.model = str(teacher)
-    s = RefreshScheduler(cfg, store, vocab_size=info.vocab_size, teacher_rev=info.teacher_rev,
-                         background=False, persist_every_s=0)
-    for step in range(5, 9):
-        s.on_step(step)
-    assert model_revision(str(teacher)) == info.teacher_rev
-    assert [store.current(sid)["teacher_rev"] for sid in ("00003", "00004", "00005")] == [info.teacher_rev] * 3
-    future = time.time() + 100
-    for f in glob.glob(str(teacher / "*.safetensors")):               # "a new checkpoint" at the path
-        os.utime(f, (future, future))
-    for step in range(9, 13):
-        s.on_step(step)
-    rev2 = model_revision(str(teacher))
-    assert rev2 != info.teacher_rev
-    assert [store.current(sid)["teacher_rev"] for sid in ("00006", "00007", "00008")] == [rev2] * 3
-    assert [store.current(sid)["policy_version"] for sid in ("00006", "00007", "00008")] == [-1] * 3
-    assert s.status()["passes"] == 3 and s.status()["restarts"] == 1
-    assert s._pool.teacher_rev == rev2        # the long-lived replicas were reloaded for the new revision
-    s.close_pool()
 
 
 def test_after_an_outage_every_overdue_shard_is_refreshed_at_once(tmp_path):
