@@ -1,0 +1,287 @@
+"""Memory-bounded KD at large vocabularies: the LM head and the loss fused, chunk by chunk.
+
+At V = 128k a float32 row of logits is 0.5 MB; a train step at 16k tokens would hold several
+float32 copies of [tokens, V] (logits, log-softmax, their gradients). Here the student's final
+hidden states [B, T, H] and the LM-head weight [V, H] (+ bias) go in, and the logits of at most
+`chunk_tokens` tokens exist at any time, forward and backward:
+
+  student  `fused_distill_loss`  = `losses.distill_loss` on `F.linear(hidden, weight, bias)`, same
+           value and gradients (w.r.t. hidden, weight, bias). Each chunk's logits are computed,
+           the per-token loss functions of `losses` are applied to them (so every loss, format,
+           temperature and fix there is inherited, not rewritten), the chunk's logit gradient is
+           taken at once and pushed through the head (grad_hidden rows, grad_weight += g^T h), and
+           the chunk is dropped. backward() only scales those gradients by the incoming scalar.
+           Why not checkpointed chunks recomputed in backward: same peak, one more head matmul and
+           softmax per chunk (bench/vocab_rows.py measures both).
+  teacher  `encode_chunked` = `targets.encode` on the full logits, chunk by chunk of positions:
+           same columns, same top-k, and (on CPU) the same sampled ids and counts for the same
+           generator, because the rows are drawn in the same row-major order.
+
+`model_hidden` runs a HF causal LM (DDP-wrapped or not) so that it returns its final hidden states
+and head instead of full logits (`logits_to_keep=1`), and checks once that the head re-applied to
+them reproduces the model's own logits (models that scale or soft-cap logits are refused).
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raydistill.losses import ce_loss, kd_per_token
+from raydistill.targets import SparseTargets, encode
+
+__all__ = ["DEFAULT_CHUNK_TOKENS", "fused_distill_loss", "encode_chunked", "model_hidden"]
+
+# Tokens per chunk of logits (train.loss_chunk_tokens): chosen by bench/vocab_rows.py (README).
+DEFAULT_CHUNK_TOKENS = 256
+
+
+# ---------------------------------------------------------------------------------------- student
+
+def _check(hidden, weight, bias, targets, labels, alpha, chunk_tokens) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"train.alpha must be in [0, 1], got {alpha}")
+    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
+        raise ValueError(f"train.loss_chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"expected hidden [B, T, H] and labels [B, T], got {tuple(hidden.shape)} and "
+                         f"{tuple(labels.shape)} — pass the final hidden states [:, :-1] and input_ids[:, 1:]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"the LM-head weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"the LM-head bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    if targets is not None:
+        if targets.logprobs.shape[:2] != labels.shape:
+            raise ValueError(f"targets cover {tuple(targets.logprobs.shape[:2])} positions but labels are "
+                             f"{tuple(labels.shape)} — targets describe input_ids[:, 1:]")
+        if targets.ids is None and targets.logprobs.shape[-1] != weight.shape[0]:
+            raise ValueError(f"dense targets have {targets.logprobs.shape[-1]} classes, the student "
+                             f"{weight.shape[0]} — teacher and student must share the vocabulary")
+
+
+def _mm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head matmul runs in: autocast's if it is on (as `lm_head(hidden)` would), else promoted."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_loss(logits, tgt, lab, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KD sum, CE sum) over a chunk's rows, from the per-token functions of `losses`."""
+    zero = logits.new_zeros((), dtype=torch.float32)
+    kd = ce = zero
+    if spec["alpha"] > 0:
+        kd = kd_per_token(logits, tgt, loss=spec["loss"], temperature=spec["temperature"],
+                          jsd_beta=spec["jsd_beta"]).sum()
+    if spec["alpha"] < 1:
+        ce = ce_loss(logits[None], lab[None]) * lab.numel()  # a mean over the chunk's rows -> their sum
+    return kd, ce
+
+
+def _total(kd, ce, n, spec) -> torch.Tensor:
+    t = spec["temperature"]
+    return (spec["alpha"] * t * t * kd + (1.0 - spec["alpha"]) * ce) / max(n, 1)
+
+
+def _chunks(n: int, size: int):
+    # One (possibly empty) chunk even when n == 0: the loss functions still validate their arguments.
+    return [(lo, min(lo + size, n)) for lo in range(0, max(n, 1), size)]
+
+
+class _FusedHeadKD(torch.autograd.Function):
+    """Loss over rows [n, H] with the head applied per chunk; gradients computed in the forward loop."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, tgt, lab, spec):
+        n, mm = h.shape[0], spec["mm_dtype"]
+        w, b = weight.to(mm), None if bias is None else bias.to(mm)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        # float32 accumulators: the sum over chunks of g^T h must not round at every chunk in bf16.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        kd_sum = ce_sum = h.new_zeros((), dtype=torch.float32)
+        with torch.autocast(h.device.type, enabled=False):  # dtypes are explicit here
+            for lo, hi in _chunks(n, spec["chunk_tokens"]):
+                hc = h[lo:hi].to(mm)
+                with torch.enable_grad():
+                    logits = F.linear(hc, w, b).float().requires_grad_(True)
+                    kd, ce = _chunk_loss(logits, tgt.select(slice(lo, hi)), lab[lo:hi], spec)
+                    g, = torch.autograd.grad(_total(kd, ce, n, spec), logits)
+                kd_sum, ce_sum = kd_sum + kd.detach(), ce_sum + ce.detach()
+                g = g.to(mm)
+                if need_h:
+                    grad_h[lo:hi] = g @ w
+                if need_w:
+                    grad_w.add_(g.t() @ hc)
+                if need_b:
+                    grad_b.add_(g.sum(0))
+                del logits, g  # the chunk's [rows, V] tensors go before the next chunk's come
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        parts = torch.stack([kd_sum, ce_sum]) / max(n, 1)
+        ctx.mark_non_differentiable(parts)
+        return _total(kd_sum, ce_sum, n, spec), parts
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_parts):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        out = []
+        for g, dt in zip((grad_h, grad_w, grad_b), ctx.dtypes):
+            out.append(None if g is None else (g * grad_out).to(dt))
+        return (*out, None, None, None)
+
+
+def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: SparseTargets | None,
+                       labels: torch.Tensor, *, bias: torch.Tensor | None = None, alpha: float,
+                       temperature: float = 1.0, loss: str = "forward_kl", jsd_beta: float = 0.5,
+                       ignore_index: int = -100, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """`losses.distill_loss(F.linear(hidden, weight, bias), targets, labels, ...)` without the full logits.
+
+    hidden [B, T, H] any float dtype (the student's final hidden states at positions 0..T-1, i.e.
+    `[:, :-1]`), weight [V, H], bias [V] or None, targets [B, T, ...] (None only with alpha == 0),
+    labels [B, T]. Returns (scalar float32 total, {"kd": float, "ce": float}) like `distill_loss`;
+    at most `chunk_tokens` rows of [*, V] logits (and their float32 copies) exist at any time.
+    Masked rows (labels == ignore_index) are dropped before any logit is computed.
+    """
+    _check(hidden, weight, bias, targets, labels, alpha, chunk_tokens)
+    if targets is None and alpha > 0:
+        raise ValueError("fused_distill_loss: targets are None but train.alpha > 0 — give targets or alpha=0")
+    mask = labels != ignore_index
+    n = int(mask.sum())
+    rows = hidden[mask]
+    tgt = targets.select(mask) if targets is not None else _no_targets(n, rows.device)
+    spec = {"alpha": float(alpha), "temperature": float(temperature), "loss": loss, "jsd_beta": jsd_beta,
+            "chunk_tokens": chunk_tokens, "mm_dtype": _mm_dtype(hidden, weight)}
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        total, parts = _FusedHeadKD.apply(rows, weight, bias, tgt, labels[mask], spec)
+    else:
+        with torch.no_grad():
+            total, parts = _FusedHeadKD.forward(_NoGradCtx(), rows, weight, bias, tgt, labels[mask], spec)
+    kd, ce = parts.tolist()
+    return total, {"kd": kd if alpha > 0 else 0.0, "ce": ce if alpha < 1 else 0.0}
+
+
+class _NoGradCtx:
+    """Stands in for autograd's ctx when nothing needs a gradient (evaluation): values only."""
+    needs_input_grad = (False, False, False)
+
+    def save_for_backward(self, *_):
+        pass
+
+    def mark_non_differentiable(self, *_):
+        pass
+
+
+def _no_targets(n: int, device) -> SparseTargets:
+    # alpha == 0 (hard labels only): an empty support that `select` can slice like any other.
+    empty = torch.zeros(n, 0, device=device)
+    return SparseTargets(empty.long(), empty, None, torch.zeros(n, device=device), "sampled")
+
+
+# ---------------------------------------------------------------------------------------- teacher
+
+def _windows(bsz: int, seq_len: int, chunk_tokens: int):
+    """(b0, b1, p0, p1) slices of hidden rows [b0:b1, p0:p1] whose logits form one chunk, row-major.
+
+    Whole sequences are grouped while they fit in a chunk; a longer sequence is cut into windows
+    of positions that overlap by one (a window's last position only gives its predecessor's label).
+    """
+    if seq_len <= chunk_tokens + 1:
+        per = max(1, (chunk_tokens + 1) // seq_len)
+        for b0 in range(0, bsz, per):
+            yield b0, min(b0 + per, bsz), 0, seq_len
+        return
+    for b in range(bsz):
+        for p0 in range(0, seq_len - 1, chunk_tokens):
+            yield b, b + 1, p0, min(p0 + chunk_tokens + 1, seq_len)
+
+
+def encode_chunked(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, *,
+                   bias: torch.Tensor | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                   **encode_kwargs) -> dict[str, list[np.ndarray]]:
+    """`targets.encode(F.linear(hidden, weight, bias), input_ids, **encode_kwargs)` chunk by chunk.
+
+    hidden [B, L, H]: the teacher's final hidden states (`model_hidden`), weight [V, H]. Each chunk
+    of about `chunk_tokens` positions gets its logits, goes through `targets.encode` and is dropped,
+    so a pass's peak memory does not grow with V beyond one chunk. Returns encode's dict (one numpy
+    array per sequence and column). encode_kwargs: fmt, k, samples, capture_temperature,
+    vocab_size, generator — as for `targets.encode`.
+    """
+    if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
+        raise ValueError(f"encode_chunked: expected hidden [B, L, H] and input_ids [B, L], got "
+                         f"{tuple(hidden.shape)} and {tuple(input_ids.shape)}")
+    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
+        raise ValueError(f"encode_chunked: chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
+    bsz, seq_len, _ = hidden.shape
+    if seq_len < 2:  # let encode say what is wrong, on the whole batch
+        return encode(F.linear(hidden, weight, bias), input_ids, **encode_kwargs)
+    pieces: list[dict] = [dict() for _ in range(bsz)]  # per sequence: column -> list of arrays
+    with torch.no_grad():
+        for b0, b1, p0, p1 in _windows(bsz, seq_len, chunk_tokens):
+            logits = F.linear(hidden[b0:b1, p0:p1], weight, bias)
+            enc = encode(logits, input_ids[b0:b1, p0:p1], **encode_kwargs)
+            del logits
+            for col, arrays in enc.items():
+                for i, a in enumerate(arrays):
+                    pieces[b0 + i].setdefault(col, []).append(a)
+    cols = pieces[0].keys()
+    return {c: [np.concatenate(p[c]) for p in pieces] for c in cols}
+
+
+# ---------------------------------------------------------------------------------------- models
+
+_CHECKED: set[int] = set()
+# Config attributes of models whose logits are not lm_head(hidden): they can't use the fused path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def model_hidden(model, input_ids: torch.Tensor, **forward_kwargs):
+    """(hidden [B, L, H], head weight [V, H], head bias [V] | None) of a HF causal LM, no full logits.
+
+    `model` may be wrapped (DDP): the forward goes through the wrapper (gradient sync), with
+    `logits_to_keep=1`, and a hook on the base model keeps its output — what the head consumes.
+    On the first call per model the head re-applied to the last position is compared with the
+    model's own logits; a mismatch (a model that scales or soft-caps its logits) is refused.
+    """
+    inner = _unwrap(model)
+    name = type(inner).__name__
+    head = inner.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise ValueError(f"{name} has no linear LM head (get_output_embeddings()) — set "
+                         "train.fused_loss=false for this model")
+    for attr in _LOGIT_TRANSFORMS:
+        if getattr(inner.config, attr, None) not in (None, 0, 0.0, 1, 1.0):
+            raise ValueError(f"{name} transforms its logits ({attr}={getattr(inner.config, attr)}): the "
+                             "fused head+loss would differ — set train.fused_loss=false for this model")
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        raise ValueError(f"{name}.forward has no logits_to_keep argument: it would compute the full "
+                         "logits anyway — set train.fused_loss=false for this model")
+    got = {}
+    hook = inner.base_model.register_forward_hook(lambda _m, _a, out: got.__setitem__("h", out[0]))
+    try:
+        out = model(input_ids=input_ids, logits_to_keep=1, **forward_kwargs)
+    finally:
+        hook.remove()
+    hidden, bias = got["h"], getattr(head, "bias", None)
+    if id(inner) not in _CHECKED:
+        with torch.no_grad():
+            ref = out.logits[:, -1].float()
+            mine = F.linear(hidden[:, -1].to(weight.dtype), weight, bias).float()
+            # bf16 autocast rounds the model's own logits: compare at bf16's precision.
+            if not torch.allclose(mine, ref, atol=2e-2 * (1 + ref.abs().max().item()), rtol=2e-2):
+                raise ValueError(f"{name}: its LM head applied to the base model's output does not give "
+                                 "the model's logits — set train.fused_loss=false for this model")
+        _CHECKED.add(id(inner))
+    return hidden, weight, bias
