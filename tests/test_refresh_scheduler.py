@@ -310,3 +310,110 @@ def test_after_an_outage_every_overdue_shard_is_refreshed_at_once(tmp_path):
     st = s.status()
     after = [a["max_age"] for a in st["ages"] if a["step"] > 40]
     assert after and max(after) <= st["bound_steps"]      # and the schedule is bounded again
+
+
+# ------------------------------------------------------------------ the enforced bound (issue 11), no cluster
+
+def test_wait_until_fresh_starts_the_overdue_shards_and_counts_the_stall(tmp_path):
+    """A pass lands only when the test lets it: a trainer asking before step 18 (max_age 16, the
+    initial shards aged 19) makes the idle scheduler start the overdue shards at once, blocks until
+    they land, and the stall is counted once per step and charged to that pass."""
+    store = make_store(tmp_path / "store", 8)
+    gate = threading.Event()
+
+    def gated(decision, on_commit):
+        gate.wait(30)
+        return instant_pass()(decision, on_commit)
+
+    s = RefreshScheduler(make_cfg(every=100), store, run_pass=gated, background=True, persist_every_s=1e9)
+    s._gc = lambda: None
+    assert s.max_age == 4 * 100 and s.wait_until_fresh(3, timeout=0.1)["fresh"]      # nothing overdue yet
+    s.cfg.refresh.max_age = s.max_age = 16
+    for step in range(1, 18):
+        s.on_step(step)                      # no decision due (every 100), nothing launched
+    assert s.status()["passes"] == 0 and s.status()["phase"] == "idle"
+    quick = s.wait_until_fresh(18, timeout=5, block=False)
+    assert not quick["fresh"] and quick["min_produced"] == -1 and quick["stalled_s"] == 0
+    threading.Timer(1.0, gate.set).start()
+    res = s.wait_until_fresh(18, timeout=30)
+    assert res["fresh"] and res["min_produced"] == 18 and res["stalled_s"] >= 0.9
+    st = s.status()
+    assert st["stall_steps"] == 1 and st["stall_seconds"] >= 0.9 and not st["kept_up"]
+    s._thread.join(10)
+    st = s.status()
+    entry = st["pass_log"][0]
+    assert entry["shards"] == 8 and entry["start_step"] == 18 and entry["stall_steps"] == 1
+    assert entry["stall_s"] >= 0.9 and st["stall_share"] > 0
+    assert max(s.ages_at(18).values()) == 0 and st["in_flight"] is None and st["passes"] == 1
+
+
+def test_wait_survives_a_restart_of_the_scheduler(tmp_path):
+    """Killed in the pass of step 4 while a trainer waits; the restarted scheduler, asked again by
+    the same trainer, resumes that pass (the shard not yet committed) and answers fresh."""
+    store, cfg = killed_in_the_pass_of_step_4(tmp_path)
+    cfg.refresh.max_age = 4
+    log = []
+    b = RefreshScheduler(cfg, store, run_pass=instant_pass(store, log), background=False, persist_every_s=0)
+    res = b.wait_until_fresh(5, timeout=5)
+    assert res["fresh"] and res["min_produced"] >= 1
+    assert log[0].shard_ids[0] == "00001"                   # the resumed pass first
+    assert all(store.current(sid)["produced_at_step"] >= 1 for sid in store.shard_ids())
+    assert b.status()["restarts"] == 1 and b.status()["pass_log"][0]["start_step"] == 4
+
+
+def test_prefetch_starts_a_pass_one_latency_ahead_of_the_bound(tmp_path):
+    """With prefetch (a trainer enforcing max_age 16) and passes known to take 3 steps, the
+    initial shards (produced at -1) are started at step 12, when step 12 + 1 + 3 would see them
+    aged 17; without prefetch nothing starts (no decision due: every_steps 100)."""
+    def run(prefetch):
+        log = []
+        s = RefreshScheduler(make_cfg(every=100), make_store(tmp_path / f"s{prefetch}", 8),
+                             run_pass=instant_pass(log=log), background=False, persist_every_s=1e9)
+        s.cfg.refresh.max_age = s.max_age = 16
+        s.state.pass_log = [{"start_step": 0, "commit_step": 3}]     # the latency seen so far
+        for step in range(1, 16):
+            s.on_step(step, prefetch=prefetch)
+        return log, s
+
+    log, s = run(True)
+    assert [(d.step, len(d.shard_ids)) for d in log] == [(12, 8)] and "max_age 16" in log[0].reason
+    assert s.status()["max_age_seen"] <= 16
+    log, s = run(False)
+    assert log == [] and s.status()["max_age_seen"] == 16
+
+
+# ------------------------------------------------------------------ honest status (issue 12 item 7)
+
+def test_status_does_not_claim_the_bound_when_passes_fail():
+    """One pass in five fails: the ages go past the latency formula, so status must not call the
+    run kept up nor state that formula as its bound (it did: kept_up true, effective 20 < max age)."""
+    calls = []
+
+    def every_fifth_fails(decision, on_commit):
+        calls.append(decision.step)
+        if len(calls) % 5 == 0:
+            raise RuntimeError("teacher replica died")
+        return instant_pass()(decision, on_commit)
+
+    s = RefreshScheduler(make_cfg(every=4), MemoryStore(8), run_pass=every_fifth_fails, background=False,
+                         persist_every_s=1e9)
+    for step in range(1, 201):
+        s.on_step(step)
+    st = s.status()
+    assert st["failed_passes"] == len(calls) // 5 > 0
+    assert st["max_age_seen"] > st["bound_steps"]                     # failures did cost age
+    assert not st["kept_up"] and "failed pass" in " ".join(st["not_kept_up_because"])
+    assert st["effective_bound_steps"] is None                        # no formula is claimed
+    assert st["bound_held"] is False and st["max_age"] == st["bound_steps"] == 16
+
+
+def test_status_counts_steps_the_scheduler_never_saw(tmp_path):
+    s = RefreshScheduler(make_cfg(every=4), MemoryStore(8), run_pass=instant_pass(), background=False,
+                         persist_every_s=1e9)
+    for step in list(range(1, 11)) + list(range(21, 26)):   # steps 11-20 lost (an outage)
+        s.on_step(step)
+    st = s.status()
+    assert st["unseen_steps"] == 10 and not st["kept_up"]
+    assert st["max_age_seen"] <= st["max_age"] and st["bound_held"] is None   # unknown, not "held"
+    s.on_step(19)                                            # a late delivery is seen after all
+    assert s.status()["unseen_steps"] == 9

@@ -85,12 +85,15 @@ def start_scheduler(cfg, store, info, name: str, namespace: str | None = None, *
     re-reading its state from the store manifest. Returns its handle once it is constructed."""
     import ray
 
+    from ..faults import teacher_fault
+
     _check_room(cfg)
     actor = ray.remote(_RemoteRefreshScheduler).options(
         name=name, namespace=namespace, get_if_exists=True, max_restarts=-1, max_task_retries=-1,
         max_concurrency=8, num_cpus=0)
     handle = actor.remote(cfg, store, vocab_size=info.vocab_size, teacher_rev=info.teacher_rev,
-                          policy_dir=policy_path(cfg), persist_every_s=persist_every_s)
+                          policy_dir=policy_path(cfg), persist_every_s=persist_every_s,
+                          teacher_fault=teacher_fault())
     ray.get(handle.ping.remote())
     return handle
 

@@ -27,7 +27,7 @@ class TeacherPool:
     reserved beside training for the whole run (what `refresh.max_replicas` caps)."""
 
     def __init__(self, cfg, store: SoftTargetStore, *, vocab_size: int, size: int, teacher_rev: str,
-                 place_timeout_s: float = 1800.0):
+                 place_timeout_s: float = 1800.0, fault: dict | None = None):
         import ray
 
         from ..cluster import teacher_options
@@ -35,6 +35,8 @@ class TeacherPool:
         self.teacher_rev, self.place_timeout_s = teacher_rev, float(place_timeout_s)
         self._options = teacher_options(cfg.teacher)
         self._kwargs = _replica_kwargs(cfg, target_params(cfg.targets), vocab_size, store)
+        if fault is not None:  # test hooks read on the driver (this may run in the scheduler actor)
+            self._kwargs["fault"] = fault
         self._actor = ray.remote(TeacherReplica).options(**self._options, max_restarts=-1, max_task_retries=3)
         self.actors, self._ready = [], {}   # _ready: actor index -> its __ray_ready__ ref, until it answers
         self.grow(max(1, int(size)))

@@ -126,8 +126,9 @@ class RefreshScheduler:
 
     def __init__(self, cfg, store, *, vocab_size: int | None = None, teacher_rev: str | None = None,
                  policy_dir: str | None = None, run_pass=None, background: bool = True,
-                 persist_every_s: float = 1.0, metrics=None):
+                 persist_every_s: float = 1.0, metrics=None, teacher_fault: dict | None = None):
         r = cfg.refresh
+        self.teacher_fault = teacher_fault  # test hook read on the driver (faults.teacher_fault)
         self.cfg, self.store = cfg, store
         self.vocab_size, self.teacher_rev, self.policy_dir = vocab_size, teacher_rev, policy_dir
         self.policy = make_policy(r.policy, r.seed) if r.fraction > 0 else None
@@ -243,8 +244,11 @@ class RefreshScheduler:
                              phase.in_flight, commit_step=step)
             self._set_phase(Idle())
         decision = self.decide(step, self.ages_at(step))
-        if decision is None and need is not None:
-            decision = self.urgent(step, need)
+        extra = self.urgent(step, need) if need is not None else None
+        if extra is not None and decision is not None:  # a due pass also takes what the bound needs
+            ids = decision.shard_ids + tuple(s for s in extra.shard_ids if s not in decision.shard_ids)
+            decision = dataclasses.replace(decision, shard_ids=ids, reason=f"{decision.reason}; {extra.reason}")
+        decision = decision or extra
         return self._launch(decision, start_step=step) if decision is not None else None
 
     def _set_phase(self, phase) -> None:
@@ -312,6 +316,7 @@ class RefreshScheduler:
             if stalled:
                 self.metrics.refresh_stall(stalled)
                 self._dirty = True
+                self._persist()
             return {"fresh": bool(fresh), "min_produced": lo, "max_age": self.max_age,
                     "stalled_s": stalled, "error": self.fatal}
 
@@ -522,7 +527,8 @@ class RefreshScheduler:
             size = max(min(self.cfg.teacher.replicas, self.cfg.refresh.max_replicas), self.state.pool_size)
             pool = self._pool = TeacherPool(self.cfg, self.store, vocab_size=self.vocab_size, size=size,
                                             teacher_rev=teacher_rev,
-                                            place_timeout_s=getattr(self.cfg.run, "resource_wait_s", 1800.0))
+                                            place_timeout_s=self.cfg.run.resource_wait_s,
+                                            fault=self.teacher_fault)
         return pool
 
     def close_pool(self) -> None:
