@@ -78,3 +78,49 @@ def make_llama(out_dir: str, tokenizer, n_layer: int = 2, hidden: int = 32, max_
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return model
+
+
+# ---- classification (BERT family): a word-level tokenizer with BERT's special tokens
+
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def make_bert_tokenizer(out_dir: str, words: list[str]):
+    """A WordLevel tokenizer over `words` that adds [CLS] ... [SEP] like BERT's, saved in HF format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(list(BERT_SPECIALS) + sorted(set(words)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def make_bert_classifier(out_dir: str | None, tokenizer, labels: list[str], n_layer: int = 2, hidden: int = 32,
+                         max_pos: int = 64, seed: int = 0, kind: str = "bert"):
+    """A BertForSequenceClassification (or DistilBert, kind="distilbert") with id2label / label2id."""
+    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification)
+
+    torch.manual_seed(seed)
+    names = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    if kind == "distilbert":
+        cfg = DistilBertConfig(vocab_size=len(tokenizer), dim=hidden, hidden_dim=hidden * 2, n_layers=n_layer,
+                               n_heads=2, max_position_embeddings=max_pos, pad_token_id=tokenizer.pad_token_id,
+                               **names)
+        model = DistilBertForSequenceClassification(cfg)
+    else:
+        cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=n_layer, num_attention_heads=2, max_position_embeddings=max_pos,
+                         pad_token_id=tokenizer.pad_token_id, **names)
+        model = BertForSequenceClassification(cfg)
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return model

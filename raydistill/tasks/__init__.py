@@ -5,6 +5,13 @@ from .base import Task
 
 TASKS: dict[str, str] = {
     "causal_lm": "raydistill.tasks.causal_lm:CausalLM",
+    "sequence_classification": "raydistill.tasks.sequence_classification:SequenceClassification",
+}
+# The soft-target formats each task's store may hold, default first: config checks `targets.format`
+# against these without importing the task modules (and torch). Each Task's `formats` is its entry.
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("sampled", "topk"),
+    "sequence_classification": ("dense",),
 }
 
 
@@ -18,4 +25,4 @@ def get_task(cfg) -> Task:
     return getattr(importlib.import_module(module), attr)(cfg)
 
 
-__all__ = ["TASKS", "Task", "get_task"]
+__all__ = ["TASKS", "TASK_FORMATS", "Task", "get_task"]
