@@ -1,4 +1,5 @@
-"""Held-out evaluation of a causal-LM student against its teacher.
+"""Held-out evaluation: the run's students against their teacher (`evaluate_students`, any task),
+and the causal-LM figures (`evaluate`) that the `causal_lm` task reports.
 
 Positions follow the package convention: a sequence of `L` tokens has `T = L - 1` predicted
 positions, position `j` predicts `input_ids[j + 1]`, and the logits used are `logits[:, :-1, :]`.
@@ -22,7 +23,51 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-__all__ = ["evaluate", "eval_input_ids"]
+__all__ = ["evaluate", "eval_input_ids", "evaluate_students"]
+
+
+def evaluate_students(cfg, store, student_dirs: dict, max_rows: int = 512) -> dict:
+    """Held-out metrics of each exported student (and of the same student before training,
+    `student_init`) against the teacher, in a Ray task placed like a teacher replica.
+
+    student_dirs: {label: save_pretrained dir}. Returns {label: metrics, "teacher": metrics,
+    "eval_sequences": n, ...} with the task's figures (causal LM: CE, KL(teacher‖student), top-1
+    agreement, perplexity, "tokens")."""
+    import ray
+
+    from .cluster import teacher_options
+
+    manifest = store.manifest()
+    if manifest["inputs"]["info"].get("eval_rows", 0) == 0:
+        return {"note": "no held-out sequences (data.eval_fraction is 0 or the corpus is tiny)"}
+    task = ray.remote(_evaluate_task).options(**teacher_options(cfg.teacher))
+    return ray.get(task.remote(cfg.to_dict(), student_dirs, (store.uri, manifest["inputs"]["eval"]), max_rows))
+
+
+def _evaluate_task(cfg_dict: dict, student_dirs: dict, eval_uri: tuple, max_rows: int) -> dict:
+    import os
+
+    import pyarrow.parquet as pq
+
+    from .config import Config
+    from .store import SoftTargetStore
+    from .tasks import get_task
+
+    cfg = Config.from_dict(cfg_dict, check_paths=False)
+    task, t = get_task(cfg), cfg.teacher
+    store = SoftTargetStore(eval_uri[0])
+    table = pq.read_table(store.full_path(eval_uri[1]), filesystem=store.filesystem)
+    teacher = task.load_model(os.path.expanduser(t.model), dtype=t.dtype, trust_remote_code=t.trust_remote_code,
+                              allow_pickle_weights=t.allow_pickle_weights, revision=t.revision)
+    # The same student before training: the baseline that shows what distillation moved.
+    models = {"student_init": task.build_student(seed=cfg.run.seed)}
+    models.update({label: task.load_model(path, key=label) for label, path in student_dirs.items()})
+    out: dict = {}
+    for label, model in models.items():
+        res = task.evaluate(model, teacher, table, batch_size=t.batch_size, max_rows=max_rows)
+        out[label] = res.pop("student")
+        out.update(res)  # teacher, eval_sequences, task-level figures: the same for every student
+    return out
 
 
 def eval_input_ids(table: pa.Table, max_rows: int | None = None) -> torch.LongTensor:

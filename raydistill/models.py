@@ -96,9 +96,10 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
 
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                    allow_pickle_weights: bool = False, revision: str | None = None,
-                   device_map=None, key: str = "teacher.model"):
-    """Any causal LM that AutoModelForCausalLM loads, safely, in eval mode."""
-    from transformers import AutoModelForCausalLM
+                   device_map=None, key: str = "teacher.model", auto_class: str = "AutoModelForCausalLM"):
+    """Any model the transformers Auto class `auto_class` loads (a causal LM by default; a task
+    names its own, e.g. AutoModelForSequenceClassification), safely, in eval mode."""
+    import transformers
 
     check_weights(name_or_path, allow_pickle_weights=allow_pickle_weights, key=key)
     kwargs = dict(dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code)
@@ -109,9 +110,10 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
     if device_map is not None:
         kwargs["device_map"] = device_map  # accelerate spreads a big teacher over several GPUs
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+        model = getattr(transformers, auto_class).from_pretrained(os.path.expanduser(name_or_path), **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{key}: cannot load {name_or_path} as a causal LM: "
+        what = "a causal LM" if auto_class == "AutoModelForCausalLM" else auto_class
+        raise ModelError(f"{key}: cannot load {name_or_path} as {what}: "
                          f"{str(e).splitlines()[0]}") from None
     return model.eval()
 
@@ -165,19 +167,20 @@ def student_config(teacher_config, overrides: dict):
     return cfg
 
 
-def build_student(student_cfg, teacher_path: str, *, trust_remote_code: bool = False, seed: int = 0):
+def build_student(student_cfg, teacher_path: str, *, trust_remote_code: bool = False, seed: int = 0,
+                  auto_class: str = "AutoModelForCausalLM"):
     """The student model: a pretrained path, or a smaller copy of the teacher's architecture."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     if student_cfg.model:
-        return load_causal_lm(student_cfg.model, dtype="float32", key="student.model")
+        return load_causal_lm(student_cfg.model, dtype="float32", key="student.model", auto_class=auto_class)
     teacher_config = load_config(teacher_path, trust_remote_code=trust_remote_code)
     overrides = dict(student_cfg.init_from_teacher or {})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(student_config(teacher_config, overrides),
-                                             trust_remote_code=trust_remote_code)
+    model = getattr(transformers, auto_class).from_config(student_config(teacher_config, overrides),
+                                                          trust_remote_code=trust_remote_code)
     if overrides.get("copy_layers"):
-        teacher = load_causal_lm(teacher_path, trust_remote_code=trust_remote_code)
+        teacher = load_causal_lm(teacher_path, trust_remote_code=trust_remote_code, auto_class=auto_class)
         copy_teacher_layers(teacher, model)
     return model
 

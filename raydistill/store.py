@@ -68,9 +68,10 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def _fault(point: str) -> None:
-    """Crash-test hook: die abruptly (no cleanup, no flush) when RAYDISTILL_FAULT == point."""
-    if os.environ.get("RAYDISTILL_FAULT") == point:
-        os._exit(86)
+    """Crash-test hook (RAYDISTILL_FAULT, see raydistill/faults.py)."""
+    from raydistill.faults import store_crash
+
+    store_crash(point)
 
 
 def _now() -> str:

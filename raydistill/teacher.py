@@ -19,49 +19,55 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .models import DTYPES, load_causal_lm
+from . import faults
+from .models import DTYPES
 from .store import SoftTargetStore
-from .targets import build_table, encode
+from .targets import build_table
+from .tasks.base import int_matrix
 
 
 def target_params(targets_cfg) -> dict:
     """The format and the parameters that define it (what a resumable pass compares)."""
     if targets_cfg.format == "topk":
         return {"format": "topk", "k": targets_cfg.k, "capture_temperature": targets_cfg.capture_temperature}
+    if targets_cfg.format == "dense":
+        return {"format": "dense", "capture_temperature": targets_cfg.capture_temperature}
     return {"format": "sampled", "samples": targets_cfg.samples,
             "capture_temperature": targets_cfg.capture_temperature}
 
 
-def list_column_to_numpy(column, width: int | None = None) -> np.ndarray:
-    """A column of equal-length int lists → a 2-D int64 array without a Python loop."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    width = width or (len(flat) // max(len(arr), 1))
-    return flat.reshape(len(arr), width)
+# The name the refresh code and tests know the task seam's int-matrix helper by.
+list_column_to_numpy = int_matrix
 
 
 class TeacherReplica:
-    """One teacher replica: a `map_batches` callable class hosted by a Ray Data actor."""
+    """One teacher replica: a `map_batches` callable class hosted by a Ray Data actor (or a plain
+    actor of the refresh pool). The run's task loads the model and turns input rows into targets."""
 
-    def __init__(self, *, model: str, dtype: str, trust_remote_code: bool, allow_pickle_weights: bool,
-                 revision: str | None, gpus: float, cpus: float, targets: dict, vocab_size: int,
-                 store_uri: str, batch_size: int, fault: dict | None = None):
-        torch.set_num_threads(max(1, int(cpus)))
-        self.fault, self.scored = fault, 0  # test hook (see _fault_from_env)
-        self.device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    def __init__(self, *, config: dict, targets: dict, vocab_size: int, store_uri: str, fault: dict | None = None):
+        from .config import Config
+        from .tasks import get_task
+
+        cfg = Config.from_dict(config, check_paths=False)
+        t = cfg.teacher
+        torch.set_num_threads(max(1, int(t.cpus_per_replica)))
+        self.fault, self.scored = fault, 0  # test hook (faults.teacher_fault)
+        self.task = get_task(cfg)
+        self.device = "cuda" if t.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
         # A replica that needs several GPUs spreads its layers over them with accelerate.
-        device_map = "auto" if gpus > 1 else None
-        self.model = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code,
-                                    allow_pickle_weights=allow_pickle_weights, revision=revision,
-                                    device_map=device_map)
+        device_map = "auto" if t.gpus_per_replica > 1 else None
+        self.model = self.task.load_model(os.path.expanduser(t.model), dtype=t.dtype,
+                                          trust_remote_code=t.trust_remote_code,
+                                          allow_pickle_weights=t.allow_pickle_weights, revision=t.revision,
+                                          device_map=device_map)
         if device_map is None:
             self.model.to(self.device)
-        self.autocast = self.device == "cuda" and DTYPES[dtype] != torch.float32
-        self.dtype = DTYPES[dtype]
+        self.autocast = self.device == "cuda" and DTYPES[t.dtype] != torch.float32
+        self.dtype = DTYPES[t.dtype]
         self.targets = targets
         self.vocab_size = vocab_size
         self.store = SoftTargetStore(store_uri)
-        self.batch_size = batch_size
+        self.batch_size = t.batch_size
 
     def __call__(self, batch: dict) -> dict:
         out = defaultdict(list)
@@ -73,66 +79,31 @@ class TeacherReplica:
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def encode(self, rows: pa.Table, generator: torch.Generator) -> dict:
+        """Soft-target columns of some input rows ({column: one array per row})."""
+        inputs = {k: v.to(self.device) for k, v in self.task.inputs_from_arrow(rows).items()}
         with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.autocast):
-            return self.model(input_ids=input_ids).logits
+            return self.task.encode_targets(self.model, inputs, params=self.targets, vocab_size=self.vocab_size,
+                                            generator=generator)
 
     def score_shard(self, shard_id: str, version: int, inputs: str, seed: int, policy_version: int) -> dict:
         start = time.perf_counter()
         self.scored += 1
-        self._maybe_fault("before_write")
+        faults.at_teacher_shard(self.fault, "before_write", self.scored)
         table = pq.read_table(self.store.full_path(inputs), filesystem=self.store.filesystem)
-        ids = list_column_to_numpy(table["input_ids"])
         generator = torch.Generator(device=self.device).manual_seed(seed)
         columns = defaultdict(list)
-        for lo in range(0, len(ids), self.batch_size):
-            x = torch.from_numpy(ids[lo:lo + self.batch_size]).to(self.device)
-            enc = encode(self.logits(x), x, fmt=self.targets["format"], k=self.targets.get("k", 1),
-                         samples=self.targets.get("samples", 1),
-                         capture_temperature=self.targets["capture_temperature"],
-                         vocab_size=self.vocab_size, generator=generator)
-            for k, v in enc.items():
+        for lo in range(0, table.num_rows, self.batch_size):
+            for k, v in self.encode(table.slice(lo, self.batch_size), generator).items():
                 columns[k].extend(v)
+        ids = int_matrix(table["input_ids"])
         shard = build_table(columns, seq_id=table["seq_id"].to_numpy(), input_ids=ids,
                             policy_version=policy_version, fmt=self.targets["format"], vocab_size=self.vocab_size)
         written = self.store.write_shard(shard_id, version, shard)
-        self._maybe_fault("after_write")
+        faults.at_teacher_shard(self.fault, "after_write", self.scored)
         return {"shard_id": shard_id, "version": version, "rows": written["rows"],
                 "checksum": written["checksum"], "bytes": written["bytes"], "tokens": int(ids.size),
                 "seconds": time.perf_counter() - start, "policy_version": policy_version}
-
-
-    def _maybe_fault(self, point: str) -> None:
-        """Test hook: slow every shard down, and/or kill this replica's process once (the first
-        replica to reach its `at`-th shard at `point`; the marker file, created atomically, makes
-        it happen once per marker across replicas and restarts)."""
-        f = self.fault
-        if not f:
-            return
-        if point == "before_write" and f.get("delay_s"):
-            time.sleep(f["delay_s"])
-        if f.get("marker") and point == f.get("when", "after_write") and self.scored == f.get("at"):
-            try:
-                fd = os.open(f["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            os._exit(1)
-
-
-def _fault_from_env() -> dict | None:
-    """Test hook, read on the driver: RAYDISTILL_TEACHER_KILL_AT_SHARD=N + RAYDISTILL_TEACHER_KILL_MARKER=path
-    (+ RAYDISTILL_TEACHER_KILL_WHEN=before_write|after_write) kill a replica once at its N-th shard;
-    RAYDISTILL_TEACHER_DELAY_S slows every shard (so a test can act while a pass is running)."""
-    env = os.environ
-    fault: dict = {}
-    if env.get("RAYDISTILL_TEACHER_KILL_AT_SHARD") and env.get("RAYDISTILL_TEACHER_KILL_MARKER"):
-        fault.update(at=int(env["RAYDISTILL_TEACHER_KILL_AT_SHARD"]), marker=env["RAYDISTILL_TEACHER_KILL_MARKER"],
-                     when=env.get("RAYDISTILL_TEACHER_KILL_WHEN", "after_write"))
-    if env.get("RAYDISTILL_TEACHER_DELAY_S"):
-        fault["delay_s"] = float(env["RAYDISTILL_TEACHER_DELAY_S"])
-    return fault or None
 
 
 def task_seed(seed: int, shard_id: str, version: int) -> int:
@@ -185,22 +156,18 @@ def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab
 
 
 def _replica_kwargs(cfg, params: dict, vocab_size: int, store: SoftTargetStore) -> dict:
-    t = cfg.teacher
-    return dict(model=os.path.expanduser(t.model), dtype=t.dtype, trust_remote_code=t.trust_remote_code,
-                allow_pickle_weights=t.allow_pickle_weights, revision=t.revision, gpus=t.gpus_per_replica,
-                cpus=t.cpus_per_replica, targets=params, vocab_size=vocab_size, store_uri=store.uri,
-                batch_size=t.batch_size, fault=_fault_from_env())
+    return dict(config=cfg.to_dict(), targets=params, vocab_size=vocab_size, store_uri=store.uri,
+                fault=faults.teacher_fault())
 
 
 def _ray_data_rows(cfg, store, tasks: list[dict], replicas: int, params: dict, vocab_size: int):
     """One row per scored shard, from a Ray Data actor pool that lives as long as this pass."""
     import ray.data
 
-    t = cfg.teacher
+    from .cluster import teacher_options
+
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         TeacherReplica, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas),
-        num_cpus=t.cpus_per_replica, num_gpus=t.gpus_per_replica or None,
-        resources=dict(t.resources) or None,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas), **teacher_options(cfg.teacher),
         fn_constructor_kwargs=_replica_kwargs(cfg, params, vocab_size, store))
     return ds.iter_rows()

@@ -5,50 +5,93 @@ loads that shard's *current* version, so refreshed shards are picked up at epoch
 superseded version is never counted twice. Ray Train splits it equally over the ranks
 (`streaming_split(equal=True)`), so every rank runs the same number of steps.
 
+The driver (`fit_student`) turns the config into a `TrainPlan`; every worker runs a `Trainer`
+over it, stage by stage: set-up (`Trainer.__init__`), targets for a batch (`targets_for`), the
+loss step (`loss_step`: forward, loss, backward — the one place the loss is computed), the
+optimizer step (`optimizer_step`), log and checkpoint (`log_and_checkpoint`). What differs
+between tasks (which model class, which logits and labels) comes from `tasks.get_task(cfg)`.
+
 Checkpoints are directories:
 
     model.safetensors     student weights (loaded without pickle)
     optimizer.pt          optimizer + LR-scheduler state (torch.load(weights_only=True))
-    state.json            step, epoch, config, loss history
+    state.json            step, epoch, config, loss history, the result-changing settings
     student/              (final checkpoint only) save_pretrained of the student
 
 A restarted worker group (worker died, `train.max_failures`) or a re-run of the same run name
 resumes from the newest checkpoint at its step and skips the batches of the epoch already done.
+A resume whose settings differ from the checkpoint's in one that changes the result (seed, loss,
+alpha, total steps, target format, task) logs a warning naming them and records them in state.json.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 import tempfile
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .losses import distill_loss, temperature_at
+from . import faults
+from .log import log0
+from .losses import ce_loss, distill_loss, temperature_at
 from .shard_reader import store_dataset
 from .targets import decode, from_logits
 
+if TYPE_CHECKING:
+    from .refresh.client import RefreshSpec
 
-def print0(*args) -> None:
-    """Rank-0 logging: one line per event, not one per worker."""
-    import ray.train
+READS = ("targets", "inputs")
 
-    if ray.train.get_context().get_world_rank() == 0:
-        # The process's own stdout: Ray Train's print patch would otherwise tee each line twice.
-        print(*args, flush=True, file=sys.__stdout__)
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What every worker trains (built on the driver by `fit_student`; crosses to the workers)."""
+    config: dict                     # Config.to_dict(): workers rebuild the Config from it
+    alpha: float                     # KD weight against CE (0: hard labels only)
+    label: str                       # run label: log prefix, Ray Train run-name suffix, audit files
+    reads: str                       # "targets": the store's soft targets; "inputs": input rows only
+    total_steps: int                 # (the hard-label and online runs need no cached target)
+    steps_per_epoch: int
+    refresh: RefreshSpec | None = None  # rank 0 reports its steps to the refresh scheduler
+    fault: dict | None = None        # faults.train_fault() (tests)
+    audit_dir: str | None = None     # RAYDISTILL_AUDIT_DIR: seq_ids per rank and epoch (tests)
+
+    def __post_init__(self):
+        assert self.reads in READS, self.reads
+        assert self.total_steps >= 1 and self.steps_per_epoch >= 1, (self.total_steps, self.steps_per_epoch)
+
+    def result_keys(self) -> dict:
+        """The settings a resumed run must share with its checkpoint to give the same result."""
+        c = self.config
+        return {"run.seed": c["run"]["seed"], "train.loss": c["train"]["loss"], "train.alpha": self.alpha,
+                "total_steps": self.total_steps, "targets.format": c["targets"]["format"],
+                "task": c.get("task", "causal_lm")}
+
+
+def config_changes(checkpoint_keys: dict, plan_keys: dict) -> dict:
+    """{key: [checkpoint value, this run's value]} for every result-changing key that differs."""
+    return {k: [checkpoint_keys[k], v] for k, v in plan_keys.items()
+            if k in checkpoint_keys and checkpoint_keys[k] != v}
 
 
 # ---------------------------------------------------------------- data
 
-def dataset_schema(what: str, fmt: str, vocab_size: int) -> pa.Schema:
-    from .targets import arrow_schema, id_type
+def dataset_schema(what: str, fmt: str, vocab_size: int, task=None) -> pa.Schema:
+    """Columns the trainer reads: the task's input rows, or a shard of soft targets."""
+    from .targets import arrow_schema
 
+    assert what in READS, what
     if what == "inputs":
-        return pa.schema([("seq_id", pa.int64()), ("input_ids", pa.list_(id_type(vocab_size)))])
+        from .tasks import get_task
+
+        return (task or get_task(None)).input_schema(vocab_size)
     return arrow_schema(fmt, vocab_size)
 
 
@@ -102,23 +145,6 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
-    """Test hook (RAYDISTILL_KILL_AT_STEP/_RANK/_MARKER on the driver): one worker process dies once."""
-    if fault and step == fault["step"] and rank == fault["rank"] and not os.path.exists(fault["marker"]):
-        open(fault["marker"], "w").close()
-        # Let the controller register the last report first, as it would in any run whose
-        # checkpoints are minutes apart (it polls workers every few seconds).
-        time.sleep(fault.get("delay_s", 5.0))
-        os._exit(1)
-
-
-def _fault_from_env() -> dict | None:
-    at, marker = os.environ.get("RAYDISTILL_KILL_AT_STEP"), os.environ.get("RAYDISTILL_KILL_MARKER")
-    if not (at and marker):
-        return None
-    return {"step": int(at), "rank": int(os.environ.get("RAYDISTILL_KILL_RANK", "0")), "marker": marker}
-
-
 class SeqIdAudit:
     """Optional record of the seq_ids each rank trained on, per epoch (RAYDISTILL_AUDIT_DIR):
     evidence that ranks see disjoint rows and no row twice in an epoch, refreshes included."""
@@ -139,192 +165,195 @@ class SeqIdAudit:
         self.ids = []
 
 
-# ---------------------------------------------------------------- the loop (runs on every worker)
-
-def train_loop(loop_cfg: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from .config import Config
-    from .metrics import RunMetrics
-    from .models import build_student, load_causal_lm
-
-    cfg = Config.from_dict(loop_cfg["config"], check_paths=False)
-    t, alpha, label = cfg.train, loop_cfg["alpha"], loop_cfg["label"]
-    total_steps, steps_per_epoch = loop_cfg["total_steps"], loop_cfg["steps_per_epoch"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    torch.manual_seed(cfg.run.seed)
-    device = ray.train.torch.get_device()
-    model = build_student(cfg.student, cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code,
-                          seed=cfg.run.seed)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, total_steps))
-    teacher = None
-    if t.online:  # the baseline: the teacher's forward runs inside every student step
-        teacher = load_causal_lm(cfg.teacher.model, dtype=cfg.teacher.dtype,
-                                 trust_remote_code=cfg.teacher.trust_remote_code,
-                                 allow_pickle_weights=cfg.teacher.allow_pickle_weights).to(device)
-
-    step, history, resumed_from = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, model, optimizer, scheduler)
-        step, history, resumed_from = state["step"], state["history"], state["step"]
-        print0(f"[{label}] resumed from checkpoint at step {step}")
-
-    metrics = RunMetrics(cfg.run.name) if rank == 0 else None
-    amp = device.type == "cuda"
-    fmt = loop_cfg["format"]
-    shard = ray.train.get_dataset_shard("train")
-    start, last_log, tokens_since = time.perf_counter(), time.perf_counter(), 0
-    audit = SeqIdAudit(loop_cfg.get("audit_dir"), label, rank)
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        skip = (step % steps_per_epoch) * t.grad_accum  # batches of this epoch already trained on
-        micro, ran = 0, False
-        for i, batch in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
-                                                     drop_last=True)):
-            if i < skip or step >= total_steps:
-                continue  # every rank still drains its split: streaming_split waits for all consumers
-            ran = True
-            audit.add(batch)
-            if fmt == "inputs":
-                input_ids = torch.from_numpy(np.stack(batch.column("input_ids").to_numpy(zero_copy_only=False))
-                                             .astype(np.int64))
-                targets = None
-            else:
-                input_ids, targets = decode(batch, fmt)
-            input_ids = input_ids.to(device)
-            labels = input_ids[:, 1:]
-            if teacher is not None:
-                with torch.inference_mode():
-                    targets = from_logits(teacher(input_ids=input_ids).logits[:, :-1].float(), labels)
-                targets = _clone_targets(targets)
-            elif targets is not None:
-                targets = targets.to(device)
-            temperature = temperature_at(t.temperature_schedule.kind,
-                                         _or(t.temperature_schedule.start, t.temperature),
-                                         _or(t.temperature_schedule.end, t.temperature), step, total_steps)
-            sync = (micro + 1) % t.grad_accum == 0
-            with (model.no_sync() if not sync and hasattr(model, "no_sync") else _null()):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(input_ids=input_ids).logits[:, :-1]
-                if targets is None:
-                    from .losses import ce_loss
-                    loss, parts = ce_loss(logits, labels), {}
-                    parts = {"kd": 0.0, "ce": loss.item()}
-                else:
-                    loss, parts = distill_loss(logits, targets, labels, alpha=alpha, temperature=temperature,
-                                               loss=t.loss, jsd_beta=t.jsd_beta)
-                (loss / t.grad_accum).backward()
-            micro += 1
-            tokens_since += input_ids.numel() * world
-            if not sync:
-                continue
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            _maybe_inject_fault(loop_cfg.get("fault"), step, rank)
-            if step % t.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                tps = tokens_since / max(now - last_log, 1e-9)
-                eta = (now - start) / max(step - (resumed_from or 0), 1) * (total_steps - step)
-                history.append({"step": step, "loss": float(loss), "kd": parts["kd"], "ce": parts["ce"],
-                                "tokens_per_s": tps, "temperature": temperature})
-                print0(f"[{label}] step {step}/{total_steps} loss {float(loss):.4f} kd {parts['kd']:.4f} "
-                       f"ce {parts['ce']:.4f} {tps:,.0f} tok/s ETA {eta:.0f}s")
-                if metrics is not None:
-                    metrics.train_step(float(loss), tps, step)
-                last_log, tokens_since = now, 0
-            if loop_cfg.get("scheduler") and rank == 0:
-                _notify_scheduler(loop_cfg["scheduler"], step, model, loop_cfg)
-            if step % t.checkpoint_every == 0 or step == total_steps:
-                _report(step, model, optimizer, scheduler, history, resumed_from, rank,
-                        final=step == total_steps, cfg_dict=loop_cfg["config"])
-        audit.close_epoch(epoch)
-        if not ran and skip == 0:
-            raise RuntimeError(f"[{label}] the training split of rank {rank} is empty: the store has fewer "
-                               f"rows than train.workers × train.batch_size")
-
-
-def _or(value, default):
-    return default if value is None else value
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _clone_targets(targets):
     """Tensors made under inference_mode can't enter autograd graphs; clone them out of it."""
-    from dataclasses import replace
-
     return replace(targets, logprobs=targets.logprobs.clone(),
                    label_logprob=None if targets.label_logprob is None else targets.label_logprob.clone())
 
 
-def _report(step, model, optimizer, scheduler, history, resumed_from, rank, *, final, cfg_dict) -> None:
-    import ray.train
+# ---------------------------------------------------------------- the trainer (runs on every worker)
 
-    metrics = {"step": step, "loss": history[-1]["loss"] if history else float("nan"),
-               "resumed_from_step": -1 if resumed_from is None else resumed_from}
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, model, optimizer, scheduler,
-                        {"step": step, "history": history, "config": cfg_dict, "resumed_from": resumed_from},
-                        export_dir="student" if final else None)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+def train_loop(loop_config: dict) -> None:
+    """What each Ray Train worker runs: `{"plan": TrainPlan}` from `fit_student`."""
+    Trainer(loop_config["plan"]).run()
 
 
-_SCHEDULERS: dict = {}  # (name, namespace) -> actor handle: one GCS lookup per worker, not per step
+class Trainer:
+    """One worker's part of a training run; `run` is the loop, each stage one method."""
 
+    def __init__(self, plan: TrainPlan):
+        """Set-up: config, task, student (DDP-wrapped), optimizer, online teacher, resume."""
+        import ray.train
+        import ray.train.torch
 
-def _notify_scheduler(name: str, step: int, model, loop_cfg: dict) -> None:
-    """Tell the refresh scheduler the student's step (fire and forget: training never waits).
-    The handle outlives actor restarts; calls made while it restarts are queued and retried."""
-    import ray
+        from .config import Config
+        from .metrics import RunMetrics
+        from .tasks import get_task
 
-    key = (name, loop_cfg.get("namespace"))
-    actor = _SCHEDULERS.get(key)
-    if actor is None:
-        try:
-            actor = _SCHEDULERS[key] = ray.get_actor(name, namespace=key[1])
-        except ValueError:
+        self.plan = plan
+        self.cfg = cfg = Config.from_dict(plan.config, check_paths=False)
+        self.task, t = get_task(cfg), cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+        torch.manual_seed(cfg.run.seed)
+        self.device = ray.train.torch.get_device()
+        self.amp = self.device.type == "cuda"  # bf16 autocast on GPUs; CPU steps stay float32
+        self.model = ray.train.torch.prepare_model(self.task.build_student(seed=cfg.run.seed))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                             lr_lambda(t.warmup_steps, plan.total_steps))
+        self.teacher = None
+        if t.online:  # the baseline: the teacher's forward runs inside every student step
+            tc = cfg.teacher
+            self.teacher = self.task.load_model(tc.model, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code,
+                                                allow_pickle_weights=tc.allow_pickle_weights,
+                                                revision=tc.revision).to(self.device)
+        self.step, self.history, self.resumed_from, self.config_changes = 0, [], None, {}
+        self._resume()
+        self.metrics = RunMetrics(cfg.run.name) if self.rank == 0 else None
+        self.refresh = None
+        if plan.refresh is not None and self.rank == 0:
+            from .refresh.client import RefreshClient
+
+            self.refresh = RefreshClient(plan.refresh)
+        self.audit = SeqIdAudit(plan.audit_dir, plan.label, self.rank)
+        self.start = self.last_log = time.perf_counter()
+        self.tokens_since = 0
+
+    def _resume(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
             return
-    policy_dir = loop_cfg.get("policy_dir")
-    every = loop_cfg.get("policy_every") or 0
-    if policy_dir and every and step % every == 0:
-        _save_policy(unwrap(model), policy_dir, step)
-    actor.on_step.remote(step)
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d, self.model, self.optimizer, self.lr_schedule)
+        label = self.plan.label
+        self.step, self.history, self.resumed_from = state["step"], state["history"], state["step"]
+        log0(f"[{label}] resumed from checkpoint at step {self.step}")
+        changed = config_changes(state.get("result_keys", {}), self.plan.result_keys())
+        self.config_changes = {**state.get("config_changes", {}), **changed}
+        if changed:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            log0(f"[{label}] the checkpoint at step {self.step} was written with other settings: {what} — "
+                 f"the result will differ from one uninterrupted run; use a new run.name to start afresh",
+                 warning=True)
+
+    def run(self) -> None:
+        import ray.train
+
+        p, t = self.plan, self.cfg.train
+        shard = ray.train.get_dataset_shard("train")
+        while self.step < p.total_steps:
+            epoch = self.step // p.steps_per_epoch
+            skip = (self.step % p.steps_per_epoch) * t.grad_accum  # batches of this epoch already trained on
+            micro, ran = 0, False
+            for i, batch in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
+                                                         drop_last=True)):
+                if i < skip or self.step >= p.total_steps:
+                    continue  # every rank still drains its split: streaming_split waits for all consumers
+                ran = True
+                self.audit.add(batch)
+                inputs, targets = self.targets_for(batch)
+                sync = (micro + 1) % t.grad_accum == 0
+                if sync and self.refresh is not None:
+                    # Before this backward's all-reduce: while rank 0 waits, the others wait in it.
+                    self.refresh.before_step(self.step + 1)
+                temperature = self.temperature()
+                loss, parts = self.loss_step(inputs, targets, temperature, sync=sync)
+                micro += 1
+                self.tokens_since += inputs["input_ids"].numel() * self.world
+                if not sync:
+                    continue
+                self.optimizer_step()
+                if self.refresh is not None:
+                    self.refresh.after_step(self.step, unwrap(self.model))
+                self.log_and_checkpoint(loss, parts, temperature)
+            self.audit.close_epoch(epoch)
+            if not ran and skip == 0:
+                raise RuntimeError(f"[{p.label}] the training split of rank {self.rank} is empty: the store has "
+                                   f"fewer rows than train.workers × train.batch_size")
+
+    def targets_for(self, batch: pa.Table):
+        """(model inputs on the device, soft targets or None): targets from the store's shard, or
+        the online teacher's logits, or none at all when only hard labels are trained on."""
+        inputs = {k: v.to(self.device) for k, v in self.task.inputs_from_arrow(batch).items()}
+        if self.teacher is not None:
+            with torch.inference_mode():
+                targets = from_logits(self.task.logits(self.teacher, inputs).float(), self.task.labels(inputs))
+            return inputs, _clone_targets(targets)
+        if self.plan.reads == "inputs":
+            return inputs, None
+        return inputs, decode(batch, self.cfg.targets.format)[1].to(self.device)
+
+    def temperature(self) -> float:
+        s, t = self.cfg.train.temperature_schedule, self.cfg.train.temperature
+        return temperature_at(s.kind, _or(s.start, t), _or(s.end, t), self.step, self.plan.total_steps)
+
+    def loss_step(self, inputs: dict, targets, temperature: float, *, sync: bool):
+        """Forward, loss and backward of one micro-batch -> (loss, {"kd": float, "ce": float}).
+
+        The one place the loss is computed (a chunked loss for large vocabularies replaces the
+        logits + loss lines). Gradients are all-reduced only on the micro-batch that completes a step."""
+        t, model = self.cfg.train, self.model
+        labels = self.task.labels(inputs)
+        with model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits = self.task.logits(model, inputs)
+            if targets is None:
+                loss = ce_loss(logits, labels)
+                parts = {"kd": 0.0, "ce": loss.item()}
+            else:
+                loss, parts = distill_loss(logits, targets, labels, alpha=self.plan.alpha, temperature=temperature,
+                                           loss=t.loss, jsd_beta=t.jsd_beta)
+            (loss / t.grad_accum).backward()
+        return loss, parts
+
+    def optimizer_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        faults.at_train_step(self.plan.fault, self.step, self.rank)
+
+    def log_and_checkpoint(self, loss, parts: dict, temperature: float) -> None:
+        t, step, total, label = self.cfg.train, self.step, self.plan.total_steps, self.plan.label
+        if step % t.log_every == 0 or step == total:
+            now = time.perf_counter()
+            tps = self.tokens_since / max(now - self.last_log, 1e-9)
+            eta = (now - self.start) / max(step - (self.resumed_from or 0), 1) * (total - step)
+            self.history.append({"step": step, "loss": float(loss), "kd": parts["kd"], "ce": parts["ce"],
+                                 "tokens_per_s": tps, "temperature": temperature})
+            log0(f"[{label}] step {step}/{total} loss {float(loss):.4f} kd {parts['kd']:.4f} "
+                 f"ce {parts['ce']:.4f} {tps:,.0f} tok/s ETA {eta:.0f}s")
+            if self.metrics is not None:
+                self.metrics.train_step(float(loss), tps, step)
+            self.last_log, self.tokens_since = now, 0
+        if step % t.checkpoint_every == 0 or step == total:
+            self._report(final=step == total)
+
+    def _report(self, *, final: bool) -> None:
+        """Every rank reports (Ray Train needs the same number of reports); rank 0 adds the checkpoint."""
+        import ray.train
+
+        metrics = {"step": self.step, "loss": self.history[-1]["loss"] if self.history else float("nan"),
+                   "resumed_from_step": -1 if self.resumed_from is None else self.resumed_from}
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        state = {"step": self.step, "history": self.history, "config": self.plan.config,
+                 "resumed_from": self.resumed_from, "result_keys": self.plan.result_keys(),
+                 "config_changes": self.config_changes}
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(d, self.model, self.optimizer, self.lr_schedule, state,
+                            export_dir="student" if final else None)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _save_policy(model, policy_dir: str, step: int) -> None:
-    """The current student for on-policy refresh: written aside, then renamed into place."""
-    tmp = os.path.join(policy_dir, f".tmp-{step}")
-    model.save_pretrained(tmp)
-    with open(os.path.join(tmp, "step.txt"), "w") as f:
-        f.write(str(step))
-    final = os.path.join(policy_dir, "latest")
-    old = os.path.join(policy_dir, f".old-{step}")
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if os.path.exists(old):
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
+def _or(value, default):
+    return default if value is None else value
 
 
 # ---------------------------------------------------------------- driver side
@@ -346,38 +375,46 @@ def plan_steps(cfg, train_rows: int) -> tuple[int, int]:
     return steps_per_epoch, total
 
 
-def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: float | None = None, scheduler: str | None = None,
-                namespace: str | None = None, policy_dir: str | None = None, policy_every: int = 0):
-    """Run (or resume) one DDP training run; returns (ray.train.Result, total_steps)."""
+def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: float | None = None,
+                refresh: RefreshSpec | None = None, scheduler: str | None = None, namespace: str | None = None,
+                policy_dir: str | None = None, policy_every: int = 0):
+    """Run (or resume) one DDP training run; returns (ray.train.Result, total_steps).
+
+    `refresh`: how rank 0 reaches the refresh scheduler (None: no refresh). `scheduler`,
+    `namespace`, `policy_dir`, `policy_every` are the older spelling of the same."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .cluster import output_dir
+    from .tasks import get_task
+
+    if scheduler is not None:
+        from .refresh.client import RefreshSpec
+
+        refresh = RefreshSpec(name=scheduler, namespace=namespace, policy_dir=policy_dir, policy_every=policy_every)
     alpha = cfg.train.alpha if alpha is None else alpha
     shard_ids = store.shard_ids()
     train_rows = sum(s["rows"] for s in store.manifest()["inputs"]["shards"].values())
     steps_per_epoch, total = plan_steps(cfg, train_rows)
     # Targets are read only when the loss uses them; online and hard-label runs read the inputs.
-    fmt = "inputs" if cfg.train.online or alpha == 0 else cfg.targets.format
-    what = "inputs" if fmt == "inputs" else "targets"
+    reads = "inputs" if cfg.train.online or alpha == 0 else "targets"
+    plan = TrainPlan(config=cfg.to_dict(), alpha=alpha, label=label, reads=reads, total_steps=total,
+                     steps_per_epoch=steps_per_epoch, refresh=refresh, fault=faults.train_fault(),
+                     audit_dir=os.environ.get("RAYDISTILL_AUDIT_DIR"))
     store_uri = store.uri
-    schema = dataset_schema(what, cfg.targets.format, vocab_size)
+    schema = dataset_schema(reads, cfg.targets.format, vocab_size, get_task(cfg))
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **t.resources}
     if t.use_gpu:
         resources["GPU"] = 1
-    output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir)) \
-        if "://" not in cfg.run.output_dir else cfg.run.output_dir
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "alpha": alpha, "label": label, "format": fmt,
-                           "total_steps": total, "steps_per_epoch": steps_per_epoch, "scheduler": scheduler,
-                           "namespace": namespace, "policy_dir": policy_dir, "policy_every": policy_every,
-                           "fault": _fault_from_env(), "audit_dir": os.environ.get("RAYDISTILL_AUDIT_DIR")},
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"{cfg.run.name}-{label}", storage_path=f"{output_dir}/checkpoints",
+        run_config=RunConfig(name=f"{cfg.run.name}-{label}", storage_path=f"{output_dir(cfg)}/checkpoints",
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": lambda: store_dataset(store_uri, shard_ids, schema, what,
+        datasets={"train": lambda: store_dataset(store_uri, shard_ids, schema, reads,
                                                  readers=max(2, cfg.train.workers))},
     )
     return trainer.fit(), total

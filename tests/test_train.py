@@ -86,3 +86,27 @@ def test_worker_killed_resumes_from_checkpoint(ray_session, tmp_path, tiny_dir, 
     assert state["step"] == total                        # finished at the configured step count
     assert state["resumed_from"] == 4                    # from the last checkpoint before the kill
     assert 6 - state["resumed_from"] <= cfg.train.checkpoint_every
+
+
+def test_resume_with_other_settings_names_them(ray_session, tmp_path, tiny_dir, tiny_corpus):
+    """A re-run of the same run name resumes from its checkpoint; the settings that change the
+    result (here the seed and the total steps) are named in the log and recorded in state.json."""
+    cfg = train_cfg(tmp_path, tiny_dir, tiny_corpus, train__workers=1, train__epochs=1, train__max_steps=2,
+                    train__checkpoint_every=2)
+    info, store = prepared_store(cfg)
+    first, total = fit_student(cfg, store, info.vocab_size)
+    assert first.error is None and total == 2
+    state = read_final_state(first)
+    assert state["step"] == 2 and state["resumed_from"] is None and state["config_changes"] == {}
+    assert state["result_keys"] == {"run.seed": 0, "train.loss": "forward_kl", "train.alpha": 0.5,
+                                    "total_steps": 2, "targets.format": "sampled", "task": "causal_lm"}
+
+    again = train_cfg(tmp_path, tiny_dir, tiny_corpus, train__workers=1, train__epochs=1, train__max_steps=4,
+                      train__checkpoint_every=2, run__seed=1)
+    assert again.run.name == cfg.run.name
+    second, total = fit_student(again, store, info.vocab_size)
+    assert second.error is None and total == 4
+    state = read_final_state(second)
+    assert state["resumed_from"] == 2 and state["step"] == 4
+    assert state["config_changes"] == {"run.seed": [0, 1], "total_steps": [2, 4]}
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]

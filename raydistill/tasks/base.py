@@ -16,14 +16,28 @@ Shapes, for a batch of B input rows:
 
 Adding a task: one module under `raydistill/tasks/` with a `Task` subclass, registered in
 `tasks/__init__.py:TASKS` under the name `task:` takes in the config.
+
+Who calls what (none of these callers asks which task it has):
+
+    trainer      build_student, inputs_from_arrow, logits, labels (student and online teacher)
+    teacher pass load_model, inputs_from_arrow, encode_targets
+    evaluation   load_model, build_student, evaluate
+    data phase   map_batches_fn (corpus rows -> input rows), input_schema
+    preflight    preflight (task-specific checks before Ray starts)
+
+Changes since the first draft: `encode_targets` (the teacher pass's store columns: a causal LM's
+encoder takes whole-sequence logits and aligns them itself, a classifier stores one dense row).
+Methods run with no grad/autocast context of their own: the caller sets those.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:  # config imports this package: no torch import just to check `task:`
+    import torch
 
 
 class Task:
@@ -46,6 +60,16 @@ class Task:
         raise NotImplementedError
 
     # ---- data: corpus rows -> input rows (Ray Data map_batches function + its kwargs)
+    def map_batches_fn(self, tokenizer_path: str, eos_id: int) -> tuple:
+        """(fn, fn_kwargs, corpus columns with the text column first): `fn(batch, **fn_kwargs)` maps a
+        batch {column: values} of corpus rows to {"input_ids" [n, L], "valid" [n], "docs" [n],
+        "skipped" [n]} (+ "labels" [n, P] when input rows carry labels), as data.tokenize_and_pack."""
+        raise NotImplementedError
+
+    def preflight(self) -> list[str]:
+        """Problems of the config with its data and models found before Ray starts (`key: what — fix`)."""
+        return []
+
     def input_schema(self, vocab_size: int) -> pa.Schema:
         """Columns of an input shard (seq_id first)."""
         raise NotImplementedError
@@ -63,9 +87,17 @@ class Task:
         """[B, P] hard labels, -100 where no loss."""
         raise NotImplementedError
 
+    def encode_targets(self, model, inputs: dict[str, torch.Tensor], *, params: dict, vocab_size: int,
+                       generator) -> dict[str, list[np.ndarray]]:
+        """Teacher pass: the soft-target columns of a batch ({column: one array per row}, as
+        `targets.encode` returns them) for `targets.build_table`. `params` = teacher.target_params."""
+        raise NotImplementedError
+
     # ---- evaluation
     def evaluate(self, student, teacher, eval_table: pa.Table, *, batch_size: int, max_rows: int) -> dict:
-        """Held-out metrics of `student` against `teacher` (either may be None)."""
+        """Held-out metrics of `student` against `teacher` (either may be None), on at most
+        `max_rows` rows of the eval file: {"student": {...}, "teacher": {...}, "eval_sequences": n}
+        plus any task-level figures (e.g. "tokens"); a part is left out when its model is None."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""The trainer's plan and fault hooks as plain logic (no cluster): what a resume compares, and
+how the env-var test hooks are read on the driver."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from raydistill import faults
+from raydistill.config import Config
+from raydistill.train import TrainPlan, config_changes
+
+
+def plan(**over) -> TrainPlan:
+    cfg = Config().to_dict()
+    kw = dict(config=cfg, alpha=0.5, label="student", reads="targets", total_steps=10, steps_per_epoch=5)
+    kw.update(over)
+    return TrainPlan(**kw)
+
+
+def test_result_keys_and_changes():
+    a = plan()
+    assert a.result_keys() == {"run.seed": 0, "train.loss": "forward_kl", "train.alpha": 0.5, "total_steps": 10,
+                               "targets.format": "sampled", "task": "causal_lm"}
+    cfg = Config().to_dict()
+    cfg["run"]["seed"], cfg["train"]["loss"], cfg["train"]["lr"] = 3, "jsd", 0.5   # lr does not count
+    b = plan(config=cfg, alpha=0.0, total_steps=12)
+    assert config_changes(a.result_keys(), b.result_keys()) == {
+        "run.seed": [0, 3], "train.loss": ["forward_kl", "jsd"], "train.alpha": [0.5, 0.0], "total_steps": [10, 12]}
+    assert config_changes(a.result_keys(), a.result_keys()) == {}
+    assert config_changes({}, b.result_keys()) == {}   # a checkpoint that recorded none: nothing to compare
+
+
+def test_plan_refuses_an_unknown_read():
+    with pytest.raises(AssertionError):
+        plan(reads="inputz")
+
+
+def test_train_fault_from_env(monkeypatch, tmp_path):
+    for k in ("RAYDISTILL_KILL_AT_STEP", "RAYDISTILL_KILL_RANK", "RAYDISTILL_KILL_MARKER"):
+        monkeypatch.delenv(k, raising=False)
+    assert faults.train_fault() is None
+    monkeypatch.setenv("RAYDISTILL_KILL_AT_STEP", "6")
+    assert faults.train_fault() is None                  # no marker: no kill
+    monkeypatch.setenv("RAYDISTILL_KILL_MARKER", str(tmp_path / "m"))
+    assert faults.train_fault() == {"step": 6, "rank": 0, "marker": str(tmp_path / "m")}
+    monkeypatch.setenv("RAYDISTILL_KILL_RANK", "1")
+    assert faults.train_fault()["rank"] == 1
+
+
+def test_teacher_fault_from_env(monkeypatch, tmp_path):
+    for k in ("RAYDISTILL_TEACHER_KILL_AT_SHARD", "RAYDISTILL_TEACHER_KILL_MARKER", "RAYDISTILL_TEACHER_KILL_WHEN",
+              "RAYDISTILL_TEACHER_DELAY_S"):
+        monkeypatch.delenv(k, raising=False)
+    assert faults.teacher_fault() is None
+    monkeypatch.setenv("RAYDISTILL_TEACHER_DELAY_S", "0.5")
+    assert faults.teacher_fault() == {"delay_s": 0.5}
+    monkeypatch.setenv("RAYDISTILL_TEACHER_KILL_AT_SHARD", "2")
+    monkeypatch.setenv("RAYDISTILL_TEACHER_KILL_MARKER", str(tmp_path / "m"))
+    assert faults.teacher_fault() == {"at": 2, "marker": str(tmp_path / "m"), "when": "after_write", "delay_s": 0.5}
+
+
+def test_hooks_do_nothing_off_their_point(tmp_path):
+    """Off the configured step / rank / shard / point nothing happens (the test process lives on)."""
+    marker = str(tmp_path / "m")
+    faults.at_train_step({"step": 3, "rank": 1, "marker": marker}, 2, 1)
+    faults.at_train_step({"step": 3, "rank": 1, "marker": marker}, 3, 0)
+    faults.at_teacher_shard({"at": 2, "marker": marker, "when": "after_write"}, "before_write", 2)
+    faults.at_teacher_shard({"at": 2, "marker": marker, "when": "after_write"}, "after_write", 1)
+    faults.at_train_step(None, 3, 1)
+    faults.at_teacher_shard(None, "after_write", 2)
+    faults.store_crash("after_rename")               # RAYDISTILL_FAULT unset
+    assert not os.path.exists(marker)
+
+
+def test_marker_is_claimed_once(tmp_path):
+    marker = str(tmp_path / "m")
+    assert faults._claim(marker) and not faults._claim(marker)
+    assert open(marker).read() == str(os.getpid())
