@@ -1,9 +1,19 @@
 """Corpus → tokenized, packed sequences → the store's input shards.
 
     data.path (file, directory or glob; local or s3://, gs://, ...; Parquet or JSONL)
-      └─ Ray Data read → map_batches(tokenize + pack, per worker) → ordered stream
+      └─ batches of DOCS_PER_BATCH documents → tokenize + pack (`tokenize_and_pack`) → ordered stream
+           small corpus: read and packed in the driver; large: Ray Data read → map_batches per worker
            └─ driver: seq_id = position in the stream; eval split by a hash of seq_id;
               every `targets.shard_rows` train sequences → inputs/train/<shard>.parquet
+
+Why two readers for one packing function: a Ray Data pipeline costs ~20-150 s of start-up on a
+small machine (read and metadata tasks, one worker process each, each importing transformers to
+load the tokenizer) — far more than tokenizing a corpus of a few MB, which takes about a second in
+one process (bench row 1). Corpora up to IN_PROCESS_MAX_BYTES (or `data.max_rows` up to
+IN_PROCESS_MAX_ROWS documents of Parquet) are therefore read in the driver; larger ones stream
+through Ray Data. In the driver a batch is always DOCS_PER_BATCH consecutive documents in file
+order; Ray Data batches within its blocks, which gives the same batches (and so the same rows) for
+a one-file Parquet corpus, and may cut elsewhere across the files of a multi-file or JSONL corpus.
 
 Packing joins the documents of one batch with EOS and cuts `seq_len` windows; the leftover
 (< seq_len tokens per batch of documents) is dropped. The stream keeps its order, so the same
@@ -26,6 +36,8 @@ import pyarrow.parquet as pq
 from .errors import ConfigError, StoreError
 
 DOCS_PER_BATCH = 256
+IN_PROCESS_MAX_BYTES = 64 << 20   # corpus files up to this size are tokenized in the driver ...
+IN_PROCESS_MAX_ROWS = 100_000     # ... and so is a Parquet corpus read up to data.max_rows <= this
 PARQUET_EXT = (".parquet", ".pq")
 JSON_EXT = (".jsonl", ".json", ".ndjson")
 
@@ -127,6 +139,8 @@ def corpus_fingerprint(fs, files: list[str], data_cfg, tokenizer_hash: str) -> s
         size = info["size"] if isinstance(info, dict) else info.st_size
         h.update(f"{f}:{size}".encode())
     h.update(f"{data_cfg.text_column}:{data_cfg.seq_len}:{data_cfg.max_rows}:{tokenizer_hash}".encode())
+    if data_cfg.text_pair_column or data_cfg.label_column:  # (only then: LM fingerprints stay as they were)
+        h.update(f"{data_cfg.text_pair_column}:{data_cfg.label_column}".encode())
     return f"sha256:{h.hexdigest()[:32]}"
 
 
@@ -184,23 +198,75 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, trust_remote_code: bo
     return {"input_ids": seqs, "valid": valid, "docs": docs, "skipped": skip}
 
 
+def in_process(fs, files: list[str], fmt: str, data_cfg) -> bool:
+    """Small enough to read and pack in the driver (see the module docstring for why)."""
+    if fmt == "parquet" and data_cfg.max_rows and data_cfg.max_rows <= IN_PROCESS_MAX_ROWS:
+        return True  # Parquet is read batch by batch: only max_rows documents are touched
+    total = 0
+    for f in files:
+        info = fs.info(f) if fs is not None else os.stat(f)
+        total += info["size"] if isinstance(info, dict) else info.st_size
+    return total <= IN_PROCESS_MAX_BYTES
+
+
+def _corpus_columns(fs, files: list[str], fmt: str, columns: list[str]):
+    """The task's columns of each file in turn, as {column: chunk of Python values} (Parquet: 1,024
+    rows at once); columns[0] is the text column."""
+    import pyarrow.json as pajson
+
+    opener = fs.open if fs is not None else open
+    for path in files:
+        with opener(path, "rb") as f:
+            if fmt == "parquet":
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=columns):
+                    yield {c: batch.column(c).to_pylist() for c in columns}
+                continue
+            table = pajson.read_json(f)
+        if table.num_rows and columns[0] not in table.column_names:
+            raise ConfigError([f"data.text_column: column {columns[0]!r} is not in {path} — every file of "
+                               "data.path needs the text column"])
+        if table.num_rows:
+            yield {c: table.column(c).to_pylist() for c in columns}
+
+
+def packed_in_process(cfg, fs, files: list[str], fmt: str, tokenizer_path: str, eos_id: int):
+    """The same stream as `sequences_dataset`, read and packed in this process: batches of
+    DOCS_PER_BATCH consecutive documents (up to data.max_rows) through `tokenize_and_pack`."""
+    from .tasks import get_task
+
+    fn, kw, columns = get_task(cfg).map_batches_fn(tokenizer_path, eos_id)
+    left = cfg.data.max_rows or float("inf")
+    docs: dict[str, list] = {c: [] for c in columns}
+    for chunk in _corpus_columns(fs, files, fmt, columns):
+        take = int(min(len(chunk[columns[0]]), left))
+        for c in columns:
+            docs[c].extend(chunk[c][:take])
+        left -= take
+        while len(docs[columns[0]]) >= DOCS_PER_BATCH:
+            yield fn({c: v[:DOCS_PER_BATCH] for c, v in docs.items()}, **kw)
+            docs = {c: v[DOCS_PER_BATCH:] for c, v in docs.items()}
+        if left <= 0:
+            break
+    if docs[columns[0]]:
+        yield fn(docs, **kw)
+
+
 def sequences_dataset(cfg, fs, files: list[str], fmt: str, tokenizer_path: str, eos_id: int):
     """The streaming Ray Data pipeline: read → tokenize + pack (order preserved)."""
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+    from .tasks import get_task
+
+    fn, kw, columns = get_task(cfg).map_batches_fn(tokenizer_path, eos_id)
     filesystem = PyFileSystem(FSSpecHandler(fs)) if fs is not None else None
     if fmt == "parquet":
-        ds = ray.data.read_parquet(files, filesystem=filesystem).select_columns([cfg.data.text_column])
+        ds = ray.data.read_parquet(files, filesystem=filesystem).select_columns(columns)
     else:
         ds = ray.data.read_json(files, filesystem=filesystem, lines=True)
     if cfg.data.max_rows:
         ds = ds.limit(cfg.data.max_rows)
-    return ds.map_batches(
-        tokenize_and_pack, batch_size=DOCS_PER_BATCH, batch_format="numpy", num_cpus=0.5,
-        fn_kwargs=dict(tokenizer_path=os.path.expanduser(cfg.teacher.model),
-                       trust_remote_code=cfg.teacher.trust_remote_code,
-                       text_column=cfg.data.text_column, seq_len=cfg.data.seq_len, eos_id=eos_id))
+    return ds.map_batches(fn, batch_size=DOCS_PER_BATCH, batch_format="numpy", num_cpus=0.5, fn_kwargs=kw)
 
 
 # ---------------------------------------------------------------- driver: shards of inputs
@@ -215,14 +281,19 @@ def is_eval(seq_ids: np.ndarray, fraction: float) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
-def inputs_table(seq_ids: np.ndarray, input_ids: np.ndarray, vocab_size: int) -> pa.Table:
+def inputs_table(seq_ids: np.ndarray, input_ids: np.ndarray, vocab_size: int,
+                 labels: np.ndarray | None = None) -> pa.Table:
+    """Input rows: seq_id, input_ids [N, L] (+ labels [N, P] of a task whose rows carry labels)."""
     from .targets import id_type
 
-    ids_type = id_type(vocab_size)
-    flat = pa.array(input_ids.reshape(-1), type=ids_type)
-    offsets = pa.array(np.arange(0, input_ids.size + 1, input_ids.shape[1], dtype=np.int32))
-    return pa.table({"seq_id": pa.array(seq_ids, type=pa.int64()),
-                     "input_ids": pa.ListArray.from_arrays(offsets, flat)})
+    def column(values: np.ndarray, typ) -> pa.ListArray:
+        offsets = pa.array(np.arange(0, values.size + 1, max(values.shape[1], 1), dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=typ))
+
+    cols = {"seq_id": pa.array(seq_ids, type=pa.int64()), "input_ids": column(input_ids, id_type(vocab_size))}
+    if labels is not None:
+        cols["labels"] = column(labels, pa.int64())
+    return pa.table(cols)
 
 
 def build_inputs(cfg, store, info) -> dict:
@@ -239,7 +310,11 @@ def build_inputs(cfg, store, info) -> dict:
         return dict(recorded, skipped=True)
 
     eos = info.eos_token_id if info.eos_token_id is not None else 0
-    ds = sequences_dataset(cfg, fs, files, fmt, cfg.teacher.model, eos)
+    if in_process(fs, files, fmt, cfg.data):
+        batches = packed_in_process(cfg, fs, files, fmt, cfg.teacher.model, eos)
+    else:
+        batches = sequences_dataset(cfg, fs, files, fmt, cfg.teacher.model, eos).iter_batches(
+            batch_size=None, batch_format="numpy")
     shard_rows, vocab = cfg.targets.shard_rows, info.vocab_size
     shards: dict[str, dict] = {}
     pending: list[np.ndarray] = []
@@ -247,17 +322,24 @@ def build_inputs(cfg, store, info) -> dict:
     counts = {"docs": 0, "skipped_rows": 0, "train_rows": 0, "eval_rows": 0}
     next_id = 0
 
+    width = 1 + cfg.data.seq_len  # a row of `rows`: seq_id, input_ids, then the task's labels (if any)
+
+    def table_of(rows: np.ndarray) -> pa.Table:
+        return inputs_table(rows[:, 0], rows[:, 1:width], vocab, rows[:, width:] if labelled else None)
+
     def flush(rows: np.ndarray) -> None:
         sid = f"{len(shards):05d}"
-        table = inputs_table(rows[:, 0], rows[:, 1:], vocab)
+        table = table_of(rows)
         shards[sid] = {"input": store.write_file(f"inputs/train/{sid}.parquet", table)["path"],
                        "rows": table.num_rows}
 
-    buffered = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    buffered, labelled = 0, False
+    for batch in batches:
         counts["docs"] += int(batch["docs"].sum())
         counts["skipped_rows"] += int(batch["skipped"].sum())
         seqs = batch["input_ids"][batch["valid"]]
+        if "labels" in batch:  # a task whose input rows carry labels (sequence_classification)
+            labelled, seqs = True, np.column_stack([seqs, batch["labels"][batch["valid"]]])
         ids = np.arange(next_id, next_id + len(seqs), dtype=np.int64)
         next_id += len(seqs)
         held_out = is_eval(ids, cfg.data.eval_fraction)
@@ -278,7 +360,7 @@ def build_inputs(cfg, store, info) -> dict:
                            "empty or not UTF-8) — add text or lower data.seq_len"])
     evals = np.concatenate(eval_parts) if eval_parts else np.zeros((0, cfg.data.seq_len + 1), np.int64)
     counts["eval_rows"] = len(evals)
-    eval_path = store.write_file("inputs/eval.parquet", inputs_table(evals[:, 0], evals[:, 1:], vocab))["path"]
+    eval_path = store.write_file("inputs/eval.parquet", table_of(evals))["path"]
     recorded = dict(counts, fingerprint=fingerprint, data_path=cfg.data.path, seq_len=cfg.data.seq_len,
                     shards=len(shards), files=len(files))
     store.record_inputs(shards, eval_path, recorded)
