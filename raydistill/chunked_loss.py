@@ -231,8 +231,10 @@ def encode_chunked(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.
             for col, arrays in enc.items():
                 for i, a in enumerate(arrays):
                     pieces[b0 + i].setdefault(col, []).append(a)
-    cols = pieces[0].keys()
-    return {c: [np.concatenate(p[c]) for p in pieces] for c in cols}
+    # Array columns are joined chunk after chunk; a per-sequence scalar (e.g. capture_temperature)
+    # is the same in every chunk of a sequence: keep one.
+    return {c: [p[c][0] if np.ndim(p[c][0]) == 0 else np.concatenate(p[c]) for p in pieces]
+            for c in pieces[0]}
 
 
 # ---------------------------------------------------------------------------------------- models
