@@ -13,6 +13,8 @@ Rows (see each module's docstring for the exact method):
   5  store bytes/token and fidelity, sampled N and topk k (32k vocabulary)     store_rows.py
   6  peak memory of a teacher pass and of training at 1x and 4x corpus         memory_rows.py
   7  GPU: the same on a GPU with a ~100M+ teacher (only where one is lent)
+  8  the enforced staleness bound: train tok/s and stall share, refresh pool 1 vs 2 vs none  refresh_rows.py
+     (not in the default set: `--rows 8`)
 
 Rows 1-4 share one local Ray (`ray.init(num_cpus=8)`); row 5 needs none; row 6 runs each corpus
 size in a child process with its own Ray so that its whole process tree can be measured.
@@ -146,9 +148,13 @@ def main(argv=None) -> int:
         from memory_rows import run_row_6
 
         section("6", lambda: run_row_6(sizes, assets, work, details))
+    if "8" in wanted:
+        from refresh_rows import run_row_8
+
+        section("8", lambda: (init_ray(8), run_row_8(sizes, assets, work, details))[1])
     rows.append(gpu_row())
 
-    order = {"1": 0, "2": 1, "3": 2, "3b": 3, "4": 4, "5": 5, "6": 6, "7": 7}
+    order = {"1": 0, "2": 1, "3": 2, "3b": 3, "4": 4, "5": 5, "6": 6, "7": 7, "8": 8}
     rows.sort(key=lambda r: order.get(r.row, 9 if "-" not in r.row else order.get(r.row[0], 9)))
     result = save(final=True)
     print()

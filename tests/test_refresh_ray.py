@@ -190,3 +190,117 @@ def test_on_policy_and_teacher_sources(ray_session, base_store, tmp_path, tiny_d
     assert s.status()["passes"] == 3 and s.status()["restarts"] == 1
     assert s._pool.teacher_rev == rev2        # the long-lived replicas were reloaded for the new revision
     s.close_pool()
+
+
+# ------------------------------------------------------------------ the enforced bound (issue 11), real Ray
+
+DELAY_S = "2.0"   # each refresh shard takes 2 s longer: a 3-shard pass on one replica ≈ 6 s, far
+                  # more than every_steps=5 steps of this tiny student even on a loaded machine
+
+
+def run_bounded(base_store, tmp_path, tiny_dir, tiny_corpus, monkeypatch, *, enforce, kill=False, **over):
+    """60 DDP steps (2 workers) with refresh passes slower than every_steps; returns the scheduler's
+    status, the per-step ages rank 0 saw ({step: age}, from its audit file) and the step count."""
+    import json
+
+    import ray
+
+    from raydistill.refresh import drain, fit_kwargs, scheduler_status, start_scheduler, stop_scheduler
+    from raydistill.train import fit_student
+
+    cfg, info, store = _copy_store(base_store, tmp_path, tiny_dir, tiny_corpus, train__epochs=3,
+                                   train__max_steps=60, refresh__every_steps=5, refresh__enforce=enforce, **over)
+    monkeypatch.setenv("RAYDISTILL_TEACHER_DELAY_S", DELAY_S)
+    if kill:  # a refresh replica dies once at its 2nd shard, besides the scheduler kill below
+        monkeypatch.setenv("RAYDISTILL_TEACHER_KILL_AT_SHARD", "2")
+        monkeypatch.setenv("RAYDISTILL_TEACHER_KILL_MARKER", str(tmp_path / "replica-killed"))
+    name, ns = f"bound-{tmp_path.name}-{os.getpid()}", "raydistill-tests"
+    handle = start_scheduler(cfg, store, info, name, ns, persist_every_s=0)
+    killed = {}
+
+    def kill_while_training_waits():
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not killed:
+            st = scheduler_status(handle)
+            if st["stall_steps"] >= 1 and st["phase"] == "running":
+                killed.update(step=st["last_step"], stall_steps=st["stall_steps"])
+                ray.kill(handle, no_restart=False)
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=kill_while_training_waits, daemon=True)
+    if kill:
+        watcher.start()
+    kw = fit_kwargs(cfg, name, ns)
+    started = time.monotonic()
+    result, total = fit_student(cfg, store, info.vocab_size, **kw)
+    wall = time.monotonic() - started
+    if kill:
+        watcher.join(60)
+    assert result.error is None, result.error
+    assert drain(handle, 600)
+    st = scheduler_status(handle)
+    stop_scheduler(handle)
+    with open(kw["refresh"].audit_path) as f:
+        lines = [json.loads(line) for line in f]
+    ages = {d["step"]: d["age"] for d in lines}
+    print({k: v for k, v in st.items() if k not in ("ages", "pass_log")}, "killed", killed, "wall", wall)
+    if kill:
+        assert killed, "training was never seen waiting on a running pass"
+        assert (tmp_path / "replica-killed").exists(), "no refresh replica was killed"
+    return st, ages, total, lines
+
+
+@pytest.mark.slow
+def test_training_waits_rather_than_read_past_max_age(ray_session, base_store, tmp_path, tiny_dir, tiny_corpus,
+                                                      monkeypatch):
+    st, ages, total, lines = run_bounded(base_store, tmp_path, tiny_dir, tiny_corpus, monkeypatch, enforce="wait")
+    assert total == 60 and sorted(ages) == list(range(1, total + 1))     # every step was recorded
+    assert st["max_age"] == 4 * 5 == 20
+    assert max(ages.values()) <= 20                                       # the bound, at every step
+    assert st["max_age_seen"] <= 20 and st["bound_held"] is not False
+    assert st["stall_steps"] > 0 and st["stall_seconds"] > 0 and 0 < st["stall_share"] <= 1
+    assert sum(d["stall_s"] for d in lines) > 0                           # rank 0 saw the waits too
+    assert sum(p["stall_s"] for p in st["pass_log"]) > 0 and not st["kept_up"]
+
+
+@pytest.mark.slow
+def test_with_warn_the_same_run_reads_past_max_age(ray_session, base_store, tmp_path, tiny_dir, tiny_corpus,
+                                                   monkeypatch):
+    st, ages, total, lines = run_bounded(base_store, tmp_path, tiny_dir, tiny_corpus, monkeypatch, enforce="warn")
+    assert sorted(ages) == list(range(1, total + 1))
+    assert max(ages.values()) > 20 and st["max_age_seen"] > 20          # the passes did not keep up...
+    assert st["bound_held"] is False and st["stall_steps"] == 0          # ...and nothing waited for them
+    assert all(d["stall_s"] == 0 for d in lines)
+
+
+@pytest.mark.slow
+def test_bound_holds_with_the_scheduler_and_a_replica_killed_while_training_waits(
+        ray_session, base_store, tmp_path, tiny_dir, tiny_corpus, monkeypatch):
+    st, ages, total, _ = run_bounded(base_store, tmp_path, tiny_dir, tiny_corpus, monkeypatch, enforce="wait",
+                                     kill=True)
+    assert sorted(ages) == list(range(1, total + 1))
+    assert max(ages.values()) <= 20 and st["max_age_seen"] <= 20          # the bound held through both kills
+    assert st["restarts"] >= 1 and st["stall_steps"] > 0 and st["passes"] >= 3
+
+
+@pytest.mark.slow
+def test_a_refresh_pool_that_cannot_be_placed_stops_training_with_a_clear_error(
+        ray_session, base_store, tmp_path, tiny_dir, tiny_corpus):
+    from raydistill.refresh import fit_kwargs, start_scheduler, stop_scheduler
+    from raydistill.train import fit_student
+
+    cfg, info, store = _copy_store(base_store, tmp_path, tiny_dir, tiny_corpus, train__epochs=3,
+                                   train__max_steps=60, train__max_failures=0, refresh__every_steps=5,
+                                   run__resource_wait_s=10)
+    cfg.teacher.resources = {"no_such_node_type": 1}       # after the initial pass: only refresh needs it
+    name, ns = f"noplace-{tmp_path.name}-{os.getpid()}", "raydistill-tests"
+    handle = start_scheduler(cfg, store, info, name, ns, persist_every_s=0)
+    started = time.monotonic()
+    try:
+        result, _ = fit_student(cfg, store, info.vocab_size, **fit_kwargs(cfg, name, ns))
+    finally:
+        stop_scheduler(handle)
+    assert result.error is not None
+    text = str(result.error)
+    assert "refresh pool" in text and "no_such_node_type" in text and "run.resource_wait_s" in text
+    assert time.monotonic() - started < 600                                # bounded, not a hang
