@@ -27,6 +27,7 @@ Report keys (all optional except `run`):
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import numbers
@@ -345,14 +346,27 @@ def _plot_staleness(r: dict) -> bytes | None:
             drawn += 1
     if not drawn:
         return None
-    bound = _num((r.get("refresh") or {}).get("bound_steps"))
+    ref = r.get("refresh") or {}
+    bound = _num(ref.get("max_age")) or _num(ref.get("bound_steps"))
     if bound is not None:
         ax.axhline(bound, color="red", linestyle="--", label=f"bound ({_fmt(bound)} steps)")
     ax.set_xlabel("student step")
     ax.set_ylabel("age (student steps)")
     ax.set_title("Soft-target staleness")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    handles = ax.get_legend_handles_labels()
+    # The cost of an enforced bound: training's waits, cumulative, at the step each pass landed.
+    stalls = [(_num(p.get("commit_step")), _num(p.get("stall_s")) or 0.0) for p in ref.get("pass_log") or []
+              if isinstance(p, dict) and _num(p.get("commit_step")) is not None]
+    if any(s for _, s in stalls):
+        ax2 = ax.twinx()
+        ax2.step([x for x, _ in stalls], list(itertools.accumulate(s for _, s in stalls)), where="post",
+                 color="gray", label=f"training stalled, s ({_num(ref.get('stall_share')) or 0.0:.0%} of its time)")
+        ax2.set_ylabel("stall (s, cumulative)")
+        ax2.set_ylim(bottom=0)
+        h2 = ax2.get_legend_handles_labels()
+        handles = (handles[0] + h2[0], handles[1] + h2[1])
+    ax.legend(*handles, fontsize="small")
     return _png(fig)
 
 
