@@ -6,6 +6,8 @@
       loss.png         train loss / kd / ce vs step, one colour per run in report["history"]
       staleness.png    max and mean shard age vs step (report["ages"]), the bound as a line
       throughput.png   teacher-pass tokens/s, one bar per pass (report["teacher_passes"])
+      confusion.png    classifiers: confusion matrices [true][predicted] of teacher and students
+                       (report["eval"][model]["confusion"], class names from eval["label_names"])
 
 Every file is written to a temporary name and renamed, so a reader never sees half a report. A
 plot whose data is missing or empty is not drawn (and a stale one from an earlier write of the same
@@ -37,7 +39,7 @@ from .fsutil import atomic_write
 
 __all__ = ["build_report", "write_report"]
 
-PLOTS = ("loss.png", "staleness.png", "throughput.png")
+PLOTS = ("loss.png", "staleness.png", "throughput.png", "confusion.png")
 
 
 def build_report(cfg, store, *, out_dir: str, phases: dict, inputs: dict, passes: list, state: dict,
@@ -89,7 +91,7 @@ def write_report(output_dir: str, report: dict) -> dict[str, str]:
     written["report.json"] = path
 
     for name, draw in (("loss.png", _plot_loss), ("staleness.png", _plot_staleness),
-                       ("throughput.png", _plot_throughput)):
+                       ("throughput.png", _plot_throughput), ("confusion.png", _plot_confusion)):
         path = os.path.join(output_dir, name)
         png = draw(report)
         if png is None:
@@ -249,7 +251,8 @@ def _markdown(r: dict, plots: list[str]) -> str:
         parts = [_eval_part(ev, k, role) for k, role, _ in cols]
         metrics = [("ce", "cross-entropy (nats)"), ("perplexity", "perplexity"),
                    ("kl_teacher_student", "KL(teacher ‖ student)"),
-                   ("top1_agreement", "top-1 agreement with teacher")]
+                   ("top1_agreement", "top-1 agreement with teacher"),
+                   ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "expected calibration error")]
         rows = [[label] + [p.get(key) for p in parts] for key, label in metrics
                 if any(p.get(key) is not None for p in parts)]
         lines += ["## Evaluation (held-out)", ""]
@@ -389,4 +392,32 @@ def _plot_throughput(r: dict) -> bytes | None:
     ax.set_title("Teacher pass throughput")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def _plot_confusion(r: dict) -> bytes | None:
+    """One confusion-matrix panel per evaluated classifier (rows: true class, columns: predicted)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ev = r.get("eval") or {}
+    models = [(k, ev[k]["confusion"]) for k in ("teacher", "student_init", "student", "hard_label_student")
+              if isinstance(ev.get(k), dict) and ev[k].get("confusion")]
+    if not models:
+        return None
+    n = len(models[0][1])
+    names = [str(x) for x in ev.get("label_names") or range(n)]
+    fig = Figure(figsize=(3.2 * len(models) + 0.5, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (label, matrix) in enumerate(models):
+        ax = fig.add_subplot(1, len(models), i + 1)
+        ax.imshow(matrix, cmap="Blues")
+        for row in range(n):
+            for col in range(n):
+                ax.text(col, row, str(matrix[row][col]), ha="center", va="center", fontsize="small")
+        ax.set_xticks(range(n), names, rotation=45, fontsize="small")
+        ax.set_yticks(range(n), names if i == 0 else [""] * n, fontsize="small")
+        ax.set_title(label.replace("_", " "), fontsize="medium")
+        ax.set_xlabel("predicted")
+    fig.axes[0].set_ylabel("true")
     return _png(fig)
