@@ -10,9 +10,9 @@ Autoscaling cluster (`ray up cluster.yaml`, `ray start --head --autoscaling-conf
 types and their `max_workers` come from the autoscaling config the head's monitor was started
 with. What no node type can ever hold is refused at once, naming the resource and the types; what
 fits is accepted, and each phase (`wait_for_nodes`) asks the autoscaler for its replicas' or
-workers' nodes (`request_resources`) and waits for them with a progress line, up to
-`run.resource_wait_s`. The request is withdrawn once the nodes are up — the phase's own actors
-then hold them — so nodes go idle and are removed when the phase ends.
+workers' nodes (a pending placement group of their shape) and waits for them with a progress
+line, up to `run.resource_wait_s`. The placement group is removed once the nodes are up — the
+phase's own actors then hold them — so nodes go idle and are removed when the phase ends.
 """
 from __future__ import annotations
 
@@ -218,11 +218,10 @@ def _ever_fits(need: Need, nodes: list[dict], scaler: Autoscaler) -> int:
 
 def _head_copies(need: Need, nodes: list[dict]) -> int:
     """The head never goes away; worker nodes alive are among what the types may launch."""
-    import ray
+    return sum(_copies(need.per, n) for n in nodes if HEAD_RESOURCE in n)
 
-    head = [n["Resources"] for n in ray.nodes() if n.get("Alive") and
-            any(k.startswith("node:__internal_head__") for k in n.get("Resources", {}))]
-    return sum(_copies(need.per, n) for n in head) if head else 0
+
+HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives the head node only
 
 
 def _fmt(per: dict) -> str:
@@ -249,8 +248,14 @@ def _never(need: Need, nodes: list[dict], scaler: Autoscaler) -> str | None:
     types = "; ".join(f"{t.name} {_fmt(t.resources or {})} × ≤{t.max_workers}" for t in scaler.types)
     absent = [k for k, v in need.per.items()
               if all((t.resources or {}).get(k, 0) < v for t in scaler.types) and all(n.get(k, 0) < v for n in nodes)]
-    why = (f"no node type offers {', '.join(f'{k}={need.per[k]:g}' for k in absent)}" if absent
-           else f"at most {can} fit on the nodes it may launch")
+    if absent:
+        why = f"no node type offers {', '.join(f'{k}={need.per[k]:g}' for k in absent)}"
+    elif can == 0:  # each resource exists somewhere, never all on one node type
+        short = [f"{t.name} " + ", ".join(f"{k}={(t.resources or {}).get(k, 0):g}" for k, v in need.per.items()
+                                          if (t.resources or {}).get(k, 0) < v) for t in scaler.types]
+        why = "no node type holds one (short: " + "; ".join(short) + ")"
+    else:
+        why = f"at most {can} fit on the nodes it may launch"
     return (f"{need.what} need {need.minimum} × {_fmt(need.per)}: {why} (autoscaler node types: {types}; "
             f"nodes up: [{_offer(nodes)}])")
 
@@ -292,7 +297,7 @@ def check_resources(cfg, timeout_s: float | None = None) -> None:
         nodes = _alive()
 
 
-def wait_for_nodes(cfg, role: str, *, poll_s: float = 2.0, say_every_s: float = 10.0) -> None:
+def wait_for_nodes(cfg, role: str, *, say_every_s: float = 10.0) -> None:
     """Before a phase: room for its replicas or workers ("teacher", "eval", "train"), asking an
     autoscaler for the nodes and waiting with a progress line up to `run.resource_wait_s`."""
     need = needs(cfg)[role]
@@ -301,20 +306,22 @@ def wait_for_nodes(cfg, role: str, *, poll_s: float = 2.0, say_every_s: float = 
     scaler = autoscaler()
     if scaler is None:
         return  # fixed cluster: check_resources refused what cannot run; Ray queues the rest
-    from ray.autoscaler.sdk import request_resources
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     target = min(need.count, _ever_fits(need, _alive(), scaler))
     wait_s = _wait_s(cfg, True)
     log(f"waiting up to {wait_s:g} s (run.resource_wait_s) for {target} × {_fmt(need.per)} ({need.what}): "
         "asking the autoscaler for nodes")
-    request_resources(bundles=[dict(need.per)] * target)
-    start = time.monotonic()
-    said = -math.inf
+    # A pending placement group of the phase's shape is the autoscaler's demand until the nodes are
+    # up. Not request_resources: that is one cluster-wide slot, which Ray Data also sets and clears.
+    pg = placement_group([dict(need.per)] * target, strategy="SPREAD", name=f"raydistill-wait-{role}")
+    start, said = time.monotonic(), -math.inf
     try:
         while True:
+            ready = pg.wait(timeout_seconds=2)
             up = _fits_now(need, _alive())
-            if up >= target:
-                log(f"{up} × {_fmt(need.per)} up after {time.monotonic() - start:.0f} s")
+            if ready or up >= target:
+                log(f"{max(up, target if ready else 0)} × {_fmt(need.per)} up after {time.monotonic() - start:.0f} s")
                 return
             waited = time.monotonic() - start
             if waited >= wait_s:
@@ -331,10 +338,8 @@ def wait_for_nodes(cfg, role: str, *, poll_s: float = 2.0, say_every_s: float = 
                 said = waited
                 log(f"waiting for {target} × {_fmt(need.per)}: {up} of {target} up, "
                     f"{_launching(need, autoscaler() or scaler)} launching ({waited:.0f} s)")
-            time.sleep(poll_s)
     finally:
-        # A standing request would keep the nodes forever; the phase's actors hold them from here.
-        request_resources(bundles=[])
+        remove_placement_group(pg)  # the phase's own actors hold the nodes from here
 
 
 def _launching(need: Need, scaler: Autoscaler) -> str:

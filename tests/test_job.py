@@ -143,6 +143,7 @@ def private_ray_env(prefix: str = "rdtest-"):
 # tests start again (a bounded number of times) rather than fail on the machine's load.
 RAY_START_TIMEOUT = "timed out during startup"
 RAY_START_ATTEMPTS = 3
+RAY_STARTED = "Ray runtime started."  # what `ray start` prints once its node has registered
 
 
 def ray_start_timed_out(log_path) -> bool:
@@ -224,14 +225,20 @@ def check_outputs(out, report, *, steps: int) -> dict:
 # ---------------------------------------------------------------- 1. ray job submit to a real head
 
 @contextmanager
-def ray_head(env, marker, temp, logs_dir):
+def ray_head(env, marker, temp, logs_dir, *, num_cpus: int = 8, autoscaling: dict | None = None,
+             attempts: int = RAY_START_ATTEMPTS):
     """A real `ray start --head --block` on loopback, in its own session; stopped by pid at exit.
 
     `--block` keeps `ray start` in the foreground as the parent of gcs/raylet/dashboard: SIGTERM to
-    it shuts those down gracefully; the marker sweep of `private_ray_env` catches the rest."""
+    it shuts those down gracefully; the marker sweep of `private_ray_env` catches the rest.
+
+    `autoscaling`: an autoscaler config (node types, max_workers, idle_timeout_minutes, provider)
+    for Ray's fake multi-node autoscaler; the head's GCS address is filled into its provider, as
+    the fake nodes would otherwise dial port 6379. Its nodes are processes under the head's
+    monitor, carrying our marker like every other process here."""
     (gcs, dash, metrics, client, agent_http, agent_grpc, env_agent,
      node_mgr, obj_mgr) = free_ports(9)
-    cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=8",
+    cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
            "--object-store-memory=200000000", f"--temp-dir={temp}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
@@ -240,29 +247,37 @@ def ray_head(env, marker, temp, logs_dir):
            f"--object-manager-port={obj_mgr}", "--disable-usage-stats"]
     head = {"dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
             "gcs": f"127.0.0.1:{gcs}", "leftover": []}
+    if autoscaling is not None:
+        config = dict(autoscaling, provider=dict(autoscaling["provider"], gcs_address=head["gcs"]))
+        head["autoscaling_config"] = path = os.path.join(logs_dir, "autoscaling.json")
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
+        cmd.append(f"--autoscaling-config={path}")
+        env = dict(env, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     proc = log = None
     try:
-        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        for attempt in range(1, attempts + 1):
             head["log"] = log_path = os.path.join(logs_dir, f"ray-head-{attempt}.log")
             log = open(log_path, "w")
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 300
-            while True:  # the Jobs API answers once the dashboard is up
+            while True:  # up: the head's raylet registered (it may still time out after the dashboard answers)
                 if proc.poll() is not None:
                     break
-                try:
-                    with urllib.request.urlopen(head["dashboard"] + "/api/version", timeout=5) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
+                if RAY_STARTED in tail(log_path, 10**7):
+                    try:
+                        with urllib.request.urlopen(head["dashboard"] + "/api/version", timeout=5) as r:
+                            if r.status == 200:
+                                break
+                    except OSError:
+                        pass
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the head's dashboard did not come up:\n{tail(log_path)}")
                 time.sleep(1)
             if proc.poll() is None:
                 break
             log.close()
-            if not ray_start_timed_out(log_path) or attempt == RAY_START_ATTEMPTS:
+            if not ray_start_timed_out(log_path) or attempt == attempts:
                 raise RuntimeError(f"ray start exited with {proc.returncode}:\n{tail(log_path)}")
             kill_marked(marker)  # what the failed start left behind, then again
         yield head
@@ -312,6 +327,49 @@ class MetricsScraper(threading.Thread):
                 if s.split("{")[0] in (name, name + "_total") and all(w in s for w in want)]
 
 
+NO_AGENT = "No available agent to submit job"
+
+
+def submit_distill(head, env, sub_id: str, config: str) -> None:
+    """`ray job submit --no-wait` of jobs/distill.py with this repository as the working dir."""
+    # env_vars the driver also sets for its workers: the job's own must win, not clash.
+    runtime_env = json.dumps({
+        "excludes": [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info"],
+        "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    deadline = time.monotonic() + 120
+    while True:
+        submit = subprocess.run(
+            [os.path.join(BIN, "ray"), "job", "submit", "--address", head["dashboard"],
+             "--submission-id", sub_id, "--no-wait", "--working-dir", ROOT, "--runtime-env-json", runtime_env,
+             "--", "python", "jobs/distill.py", "--config", config],
+            env=env, capture_output=True, text=True, timeout=300)
+        # The dashboard answers before the head's job agent has registered ("try again later").
+        if submit.returncode == 0 or NO_AGENT not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+
+
+def wait_job(head, sub_id: str, *, timeout: float, every=None):
+    """Poll a submitted job to its end (stopped past `timeout`); `every(status)` runs at each poll.
+    Returns (final status, the job's logs)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head["dashboard"])
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get_job_status(sub_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        if time.monotonic() > deadline:
+            client.stop_job(sub_id)
+            break
+        if every is not None:
+            every(status)
+        time.sleep(2)
+    return status, client.get_job_logs(sub_id)
+
+
 @pytest.mark.timeout(1800)  # head start, upload, a full run and teardown on 2 busy cores (~6-12 min)
 def test_job_submit_on_loopback_head(tmp_path):
     teacher, corpus = tiny_assets(tmp_path)
@@ -327,32 +385,11 @@ def test_job_submit_on_loopback_head(tmp_path):
         scraper.start()
         try:
             sub_id = f"raydistill-{name}"
-            # env_vars the driver also sets for its workers: the job's own must win, not clash.
-            runtime_env = json.dumps({
-                "excludes": [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache", ".hypothesis",
-                             "*.egg-info"],
-                "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
-            submit = subprocess.run(
-                [os.path.join(BIN, "ray"), "job", "submit", "--address", head["dashboard"],
-                 "--submission-id", sub_id, "--no-wait", "--working-dir", ROOT, "--runtime-env-json", runtime_env,
-                 "--", "python", "jobs/distill.py", "--config", config],
-                env=env, capture_output=True, text=True, timeout=300)
-            assert submit.returncode == 0, submit.stdout + submit.stderr
-
-            client = JobSubmissionClient(head["dashboard"])
-            deadline = time.monotonic() + 840
-            while True:
-                status = client.get_job_status(sub_id)
-                if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                    break
-                if time.monotonic() > deadline:
-                    client.stop_job(sub_id)
-                    break
-                time.sleep(2)
-            logs = client.get_job_logs(sub_id)
+            submit_distill(head, env, sub_id, config)
+            status, logs = wait_job(head, sub_id, timeout=840)
             if status != JobStatus.SUCCEEDED:
                 pytest.fail(f"job {sub_id} ended {status}:\n{logs[-8000:]}\n--- head:\n{tail(head['log'])}")
-            info = client.get_job_info(sub_id)
+            info = JobSubmissionClient(head["dashboard"]).get_job_info(sub_id)
             assert info.entrypoint.endswith(f"jobs/distill.py --config {config}")
             assert f"raydistill: run {name!r} finished" in logs
 
