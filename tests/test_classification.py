@@ -153,7 +153,7 @@ def _teacher_and_inputs(cls_models, n=6):
     model = task.load_model(str(cls_models / "teacher"))
     assert isinstance(model, AutoModelForSequenceClassification._model_mapping[type(model.config)])
     rows = cd.topic_rows(n, seed=11)
-    fn, kw, _ = task.map_batches_fn()
+    fn, kw, _ = task.map_batches_fn(str(cls_models / "teacher"), 0)
     out = fn({"text": np.array(rows["text"], dtype=object), "label": np.array(rows["label"], dtype=object)},
              **dict(kw, label_column="label", seq_len=SEQ_LEN))
     out["labels"][1, 0] = IGNORE  # one unlabelled row
@@ -298,3 +298,77 @@ def test_missing_columns_refused(cls_models, corpus, tmp_path):
                                                                    "data.text_pair_column": "hypothesis"}))
     assert [p.split(":")[0] for p in problems] == ["data.text_pair_column", "data.label_column"]
     assert "column 'sentiment' is not in" in problems[1] and "columns: text, label" in problems[1]
+
+
+# ---------------------------------------------------------------- real Ray: pass, train, eval, resume, kill
+
+E2E_STEPS = 240
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A BERT teacher fine-tuned (plain PyTorch) on 1,500 clean sentences; a corpus of 800 others whose
+    string labels are 30% wrong (what both students see); the eval split scores against those labels."""
+    root = tmp_path_factory.mktemp("cls-e2e")
+    tok = tiny.make_bert_tokenizer(str(root / "tok"), cd.WORDS)
+    teacher = tiny.make_bert_classifier(None, tok, cd.LABELS, n_layer=2, hidden=64, seed=1)
+    cd.train_classifier(teacher, tok, cd.topic_rows(1500, seed=1), steps=150, seq_len=SEQ_LEN)
+    teacher.save_pretrained(str(root / "teacher"))
+    tok.save_pretrained(str(root / "teacher"))
+    rows = cd.topic_rows(800, seed=2, noise=0.3)
+    path = str(root / "noisy.parquet")
+    pq.write_table(pa.table({"text": rows["text"], "label": rows["label"]}), path)
+    return root, path
+
+
+def e2e_cfg(root, path, out, **over) -> Config:
+    d = {"task": "sequence_classification",
+         "run": {"name": "cls-e2e", "output_dir": str(out), "seed": 0, "compare_hard_labels": True},
+         "data": {"path": path, "label_column": "label", "seq_len": SEQ_LEN, "eval_fraction": 0.25},
+         "teacher": {"model": str(root / "teacher"), "batch_size": 64},
+         "targets": {"shard_rows": 128},
+         "student": {"init_from_teacher": {"num_hidden_layers": 1}},
+         "train": {"workers": 2, "batch_size": 16, "max_steps": E2E_STEPS, "epochs": 1, "lr": 3e-3,
+                   "warmup_steps": 10, "alpha": 0.9, "temperature": 2.0, "checkpoint_every": 60,
+                   "log_every": 20}}
+    for key, value in over.items():
+        section, leaf = key.split(".")
+        d[section][leaf] = value
+    return Config.from_dict(d)
+
+
+@pytest.mark.slow
+def test_end_to_end_distilled_beats_hard_labels(ray_session, trained, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from raydistill.pipeline import run
+    from raydistill.store import SoftTargetStore
+
+    root, path = trained
+    cfg = e2e_cfg(root, path, tmp_path / "run")
+    report = run(cfg)
+    ev = report["eval"]
+    print({k: {m: ev[k][m] for m in ("accuracy", "macro_f1", "ece") if m in ev[k]}
+           for k in ("teacher", "student_init", "student", "hard_label_student")})
+    # one target row per train example, and the stored distribution is the teacher's softmax
+    inputs = report["inputs"]
+    assert inputs["train_rows"] + inputs["eval_rows"] == 800 and inputs["skipped_rows"] == 0
+    store = SoftTargetStore(cfg.store_uri)
+    shards = pa.concat_tables([store.read_shard(s) for s in store.shard_ids()])
+    assert shards.num_rows == inputs["train_rows"] and len(set(shards["seq_id"].to_pylist())) == shards.num_rows
+    task = get_task(cfg)
+    teacher = task.load_model(str(root / "teacher"))
+    with torch.inference_mode():
+        want = torch.softmax(task.logits(teacher, task.inputs_from_arrow(shards))[:, 0], -1)
+    _, targets = decode(shards, "dense")
+    torch.testing.assert_close(targets.logprobs[:, 0].exp(), want, atol=2e-3, rtol=0)
+    # the distilled student beats the hard-label student on held-out accuracy (seeded run)
+    assert ev["teacher"]["accuracy"] > 0.6
+    assert ev["student"]["accuracy"] > ev["hard_label_student"]["accuracy"] + 0.05
+    assert ev["student"]["top1_agreement"] > ev["hard_label_student"]["top1_agreement"]
+    assert ev["eval_sequences"] == inputs["eval_rows"] and len(ev["student"]["confusion"]) == 3
+    assert report["train"]["steps"] == E2E_STEPS
+    # the exported student loads with the Auto class and carries the teacher's label names
+    student = AutoModelForSequenceClassification.from_pretrained(report["outputs"]["student"])
+    assert student.config.id2label == {0: "sports", 1: "science", 2: "politics"}
+    assert os.path.exists(os.path.join(cfg.run.output_dir, "confusion.png"))

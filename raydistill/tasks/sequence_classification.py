@@ -62,13 +62,13 @@ class SequenceClassification(Task):
         return pa.schema([("seq_id", pa.int64()), ("input_ids", pa.list_(id_type(vocab_size))),
                           ("labels", pa.list_(pa.int64()))])
 
-    def map_batches_fn(self) -> tuple:
-        """(function, its kwargs, the corpus columns it reads): corpus rows -> input rows."""
+    def map_batches_fn(self, tokenizer_path: str, eos_id: int) -> tuple:
+        """(function, its kwargs, the corpus columns it reads, text first): corpus rows -> input rows."""
         from ..models import load_config
 
         d, t = self.cfg.data, self.cfg.teacher
         t_conf = load_config(t.model, trust_remote_code=t.trust_remote_code, revision=t.revision)
-        kwargs = dict(tokenizer_path=os.path.expanduser(t.model), trust_remote_code=t.trust_remote_code,
+        kwargs = dict(tokenizer_path=os.path.expanduser(tokenizer_path), trust_remote_code=t.trust_remote_code,
                       text_column=d.text_column, text_pair_column=d.text_pair_column,
                       label_column=d.label_column, seq_len=d.seq_len, num_labels=int(t_conf.num_labels),
                       label2id={str(k): int(v) for k, v in (t_conf.label2id or {}).items()})
