@@ -68,6 +68,8 @@ class Sizes:
     train_steps: int = 24          # optimizer steps of each Ray Train fit (row 3 and 4)
     log_every: int = 4
     skip_logs: int = 1             # leading history entries left out of the steady state
+    fixed_repeats: int = 3         # A B pairs of row 1b (input build vs plain)
+    fit_repeats: int = 2           # A B pairs of row 3b (a fit, then a plain loop)
     plain_steps: int = 12          # steps of the plain loops (the first is a warm-up)
     replicas: tuple = (1, 2)       # row 2 (plus N = cores)
     # row 5: a 32k-vocabulary teacher, briefly trained

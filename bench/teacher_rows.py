@@ -11,6 +11,12 @@ Row 2  re-score every shard with 1, 2 and N (= cores) replicas (`run_teacher_pas
        start-up and model load included, as a user sees it); beside it the rate after the first
        commit (which still includes the start-up of the replicas that commit later).
 
+Row 1b the input build alone (`build_inputs` on a fresh store: read, tokenize + pack, the shards'
+       Parquet files and the manifest) against a plain script doing the same work with no store:
+       pyarrow read, a fresh tokenizer load, `tokenize_and_pack` per batch, `pq.write_table` per
+       shard. Interleaved A B A B (`sizes.fixed_repeats` pairs), median ratio plain / build; each
+       build starts with no cached tokenizer, as a fresh run does. Target: <= 3 s at this size.
+
 Breakdown (the profile of where the pass's time goes): the same stages timed in-process on the same
 sequences (tokenize, forward, encode, build_table + write_shard), and the pass's first-commit
 latency (actor start + model load + first shard).
@@ -23,7 +29,7 @@ import time
 
 import numpy as np
 
-from common import Row, Timer, bench_config, cores, judge, log
+from common import Row, Timer, bench_config, cores, judge, log, median
 
 
 def _input_batches(store, batch_size: int) -> list[np.ndarray]:
@@ -117,6 +123,60 @@ def stage_breakdown(cfg, store, info, batches: list[np.ndarray]) -> dict:
             "one_thread_total_s": total, "one_thread_tokens_per_s": tokens / total,
             "share": {k: round(v / total, 3) for k, v in
                       (("tokenize", tok_s), ("forward", fwd), ("encode", enc), ("table+write", write))}}
+
+
+def plain_input_build(cfg, info, out_dir: str) -> float:
+    """Row 1b's baseline: the input build's work with nothing around it (seconds)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import raydistill.data as data
+    from raydistill.data import DOCS_PER_BATCH, tokenize_and_pack
+
+    data._TOKENIZERS.clear()  # the first tokenize_and_pack loads the tokenizer, as in a fresh run
+    t = Timer()
+    texts = pq.read_table(cfg.data.path, columns=[cfg.data.text_column]).column(0).to_pylist()
+    texts = texts[: cfg.data.max_rows or None]
+    kw = dict(tokenizer_path=cfg.teacher.model, trust_remote_code=False, text_column=cfg.data.text_column,
+              seq_len=cfg.data.seq_len, eos_id=info.eos_token_id or 0)
+    seqs = np.concatenate([b["input_ids"][b["valid"]] for b in
+                           (tokenize_and_pack({cfg.data.text_column: texts[lo:lo + DOCS_PER_BATCH]}, **kw)
+                            for lo in range(0, len(texts), DOCS_PER_BATCH))])
+    os.makedirs(out_dir, exist_ok=True)
+    rows = cfg.targets.shard_rows
+    for i, lo in enumerate(range(0, len(seqs), rows)):
+        part = seqs[lo:lo + rows]
+        pq.write_table(pa.table({"seq_id": np.arange(lo, lo + len(part)), "input_ids": list(part)}),
+                       os.path.join(out_dir, f"{i:05d}.parquet"), compression="zstd")
+    return t()
+
+
+def run_row_1b(sizes, cfg, info, work: str, details: dict) -> Row:
+    """Input build vs the plain baseline, interleaved A B A B; the median of the pairs' ratios."""
+    import raydistill.data as data
+    from raydistill.pipeline import open_store
+
+    pairs = []
+    for i in range(sizes.fixed_repeats):
+        c = bench_config(sizes, teacher=cfg.teacher.model, corpus=cfg.data.path,
+                         out_dir=os.path.join(work, f"row1b-{i}"), name=f"row1b-{i}")
+        store = open_store(c, info)
+        data._TOKENIZERS.clear()  # a fresh run loads its tokenizer
+        t = Timer()
+        res = data.build_inputs(c, store, info)
+        build_s = t()
+        plain_s = plain_input_build(c, info, os.path.join(work, f"row1b-{i}", "plain"))
+        pairs.append({"build_s": build_s, "plain_s": plain_s, "ratio": plain_s / build_s,
+                      "train_rows": res["train_rows"], "shards": res["shards"]})
+        shutil.rmtree(os.path.join(work, f"row1b-{i}"), ignore_errors=True)
+    details["row1b"] = {"pairs": pairs, "in_process": data.in_process(*data.resolve_corpus(cfg.data), cfg.data)}
+    mid = sorted(pairs, key=lambda p: p["ratio"])[len(pairs) // 2]
+    build = median([p["build_s"] for p in pairs])
+    return Row("1b", "input build vs plain read+tokenize+write", median([p["plain_s"] for p in pairs]), build, "s",
+               mid["ratio"], "build <= 3 s", "pass" if build <= 3.0 else "FAIL",
+               f"{pairs[0]['train_rows']} sequences, {pairs[0]['shards']} shards; pairs (build / plain s): " +
+               ", ".join(f"{p['build_s']:.2f}/{p['plain_s']:.2f}" for p in pairs) +
+               ("; packed in the driver" if details["row1b"]["in_process"] else "; Ray Data pipeline"))
 
 
 class CommitClock:
@@ -215,7 +275,7 @@ def run_rows_1_2(sizes, assets: dict, work: str, details: dict, profile: bool = 
     steady = pipe["steady_tokens_per_s"]
     note = (f"baseline = plain loop with {plain['threads']} torch thread(s) (" +
             ", ".join(f"{th}: {p['tokens_per_s']:,.0f}" for th, p in plains.items()) + f" tok/s); "
-            f"{tokens:,} tokens; wall {wall:.1f}s = inputs (Ray Data tokenize) {t_inputs:.1f}s + pass "
+            f"{tokens:,} tokens; wall {wall:.1f}s = inputs {t_inputs:.1f}s (row 1b) + pass "
             f"{stats['seconds']:.1f}s, of which {pipe['first_commit_s']:.1f}s to the first commit (actor start, "
             f"model load, first shard)")
     if steady:
@@ -225,6 +285,7 @@ def run_rows_1_2(sizes, assets: dict, work: str, details: dict, profile: bool = 
                 "tokenize and write costs are not hidden (< 1 expected)"
     rows = [Row("1", "teacher pass vs plain fwd+encode loop", plain["tokens_per_s"], pipe["tokens_per_s"],
                 "tok/s", ratio, ">= 1.0 (multi-core)", judge(ratio, ">=", 1.0), note)]
+    rows.append(run_row_1b(sizes, cfg, info, work, details))
     base = passes[counts[0]]
     for r in counts[1:]:
         p = passes[r]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from .errors import CorruptShardError
+from .log import log
 from .store import SoftTargetStore
 
 
@@ -21,7 +22,7 @@ def load_shards(batch: pa.Table, *, store_uri: str, what: str, schema: pa.Schema
             table = store.read_shard(sid) if what == "targets" else store.read_input(sid)
         except CorruptShardError as e:
             # Never train on a bad shard: skip it this epoch; the next teacher pass re-issues it.
-            print(f"raydistill: skipping shard {sid}: {e}", flush=True)
+            log(f"skipping shard {sid}: {e}", warning=True)
             continue
         tables.append(table.select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
