@@ -300,6 +300,23 @@ def test_missing_columns_refused(cls_models, corpus, tmp_path):
     assert "column 'sentiment' is not in" in problems[1] and "columns: text, label" in problems[1]
 
 
+def test_run_refuses_before_ray_starts(cls_models, tmp_path):
+    """pipeline.run stops at preflight: no Ray start, no output directory, no store."""
+    import ray
+
+    from raydistill.pipeline import run
+
+    path = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"text": ["goal team", "atom cell"], "label": ["sports", "chess"]}), path)
+    cfg = make_cfg(cls_models, path, tmp_path, **{"student.init_from_teacher": None,
+                                                  "student.model": str(cls_models / "two")})
+    was_up = ray.is_initialized()
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    assert [p.split(":")[0] for p in e.value.errors] == ["student.model", "data.label_column"]
+    assert ray.is_initialized() == was_up and not os.path.exists(cfg.run.output_dir)
+
+
 # ---------------------------------------------------------------- real Ray: pass, train, eval, resume, kill
 
 E2E_STEPS = 240
@@ -348,7 +365,8 @@ def test_end_to_end_distilled_beats_hard_labels(ray_session, trained, tmp_path):
     cfg = e2e_cfg(root, path, tmp_path / "run")
     report = run(cfg)
     ev = report["eval"]
-    print({k: {m: ev[k][m] for m in ("accuracy", "macro_f1", "ece") if m in ev[k]}
+    print({k: {m: ev[k][m] for m in ("accuracy", "macro_f1", "ece", "top1_agreement", "kl_teacher_student")
+               if m in ev[k]}
            for k in ("teacher", "student_init", "student", "hard_label_student")})
     # one target row per train example, and the stored distribution is the teacher's softmax
     inputs = report["inputs"]
@@ -372,3 +390,41 @@ def test_end_to_end_distilled_beats_hard_labels(ray_session, trained, tmp_path):
     student = AutoModelForSequenceClassification.from_pretrained(report["outputs"]["student"])
     assert student.config.id2label == {0: "sports", 1: "science", 2: "politics"}
     assert os.path.exists(os.path.join(cfg.run.output_dir, "confusion.png"))
+
+
+@pytest.mark.slow
+def test_resume_and_worker_kill(ray_session, trained, tmp_path, monkeypatch):
+    """As for the LM task: a re-run redoes no data phase and no teacher pass; a train worker killed
+    at step 6 resumes from the checkpoint at step 4; a re-run with more steps resumes at the end."""
+    from raydistill.data import build_inputs
+    from raydistill.pipeline import open_store, preflight, score_pending
+    from raydistill.train import fit_student, read_final_state
+
+    root, path = trained
+    over = {"run.compare_hard_labels": False, "run.name": f"cls-kill-{os.getpid()}", "train.max_steps": 12,
+            "train.checkpoint_every": 4, "train.max_failures": 2, "train.log_every": 2}
+    cfg = e2e_cfg(root, path, tmp_path / "run", **over)
+    info = preflight(cfg)
+    store = open_store(cfg, info)
+    built = build_inputs(cfg, store, info)
+    assert not built["skipped"] and built["train_rows"] + built["eval_rows"] == 800
+    assert score_pending(cfg, store, info)["rows"] == built["train_rows"]
+    assert build_inputs(cfg, store, info)["skipped"] and score_pending(cfg, store, info) is None
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RAYDISTILL_KILL_AT_STEP", "6")
+    monkeypatch.setenv("RAYDISTILL_KILL_RANK", "1")
+    monkeypatch.setenv("RAYDISTILL_KILL_MARKER", str(marker))
+    result, total = fit_student(cfg, store, info.vocab_size)
+    assert marker.exists() and result.error is None          # the worker process really died at step 6
+    state = read_final_state(result)
+    assert total == 12 and state["step"] == 12 and state["resumed_from"] == 4
+    monkeypatch.delenv("RAYDISTILL_KILL_AT_STEP")
+
+    again = e2e_cfg(root, path, tmp_path / "run", **dict(over, **{"train.max_steps": 16}))
+    second, total = fit_student(again, store, info.vocab_size)
+    assert second.error is None and total == 16
+    state = read_final_state(second)
+    assert state["resumed_from"] == 12 and state["step"] == 16
+    assert state["config_changes"] == {"total_steps": [12, 16]}
+    assert [h["step"] for h in state["history"]] == [2, 4, 6, 8, 10, 12, 14, 16]
