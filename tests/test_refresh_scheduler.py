@@ -231,17 +231,23 @@ def test_failed_pass_is_retried_and_none_policy_never_decides(tmp_path):
     assert none.status()["bound_steps"] is None and none.status()["max_age_seen"] == 49 + 1
 
 
-def test_background_pass_latency_counts_in_steps(tmp_path):
-    """A pass in a thread: training steps go on meanwhile; commit_step is the first step that sees it."""
+def gated_scheduler(tmp_path, every, wait_s=10):
+    """A background scheduler over 8 shards whose passes land only once the returned gate is set."""
     store = make_store(tmp_path / "store", 8)
     gate = threading.Event()
 
-    def slow(decision, on_commit):
-        gate.wait(10)
+    def gated(decision, on_commit):
+        gate.wait(wait_s)
         return instant_pass()(decision, on_commit)
 
-    s = RefreshScheduler(make_cfg(every=4), store, run_pass=slow, background=True, persist_every_s=1e9)
+    s = RefreshScheduler(make_cfg(every=every), store, run_pass=gated, background=True, persist_every_s=1e9)
     s._gc = lambda: None
+    return s, gate
+
+
+def test_background_pass_latency_counts_in_steps(tmp_path):
+    """A pass in a thread: training steps go on meanwhile; commit_step is the first step that sees it."""
+    s, gate = gated_scheduler(tmp_path, every=4)
     for step in range(1, 8):
         s.on_step(step)                 # decision at 4; steps 5..7 do not wait and start nothing new
     assert s.status()["phase"] == "running" and s.status()["passes"] == 0
@@ -318,15 +324,7 @@ def test_wait_until_fresh_starts_the_overdue_shards_and_counts_the_stall(tmp_pat
     """A pass lands only when the test lets it: a trainer asking before step 18 (max_age 16, the
     initial shards aged 19) makes the idle scheduler start the overdue shards at once, blocks until
     they land, and the stall is counted once per step and charged to that pass."""
-    store = make_store(tmp_path / "store", 8)
-    gate = threading.Event()
-
-    def gated(decision, on_commit):
-        gate.wait(30)
-        return instant_pass()(decision, on_commit)
-
-    s = RefreshScheduler(make_cfg(every=100), store, run_pass=gated, background=True, persist_every_s=1e9)
-    s._gc = lambda: None
+    s, gate = gated_scheduler(tmp_path, every=100, wait_s=30)
     assert s.max_age == 4 * 100 and s.wait_until_fresh(3, timeout=0.1)["fresh"]      # nothing overdue yet
     s.cfg.refresh.max_age = s.max_age = 16
     for step in range(1, 18):

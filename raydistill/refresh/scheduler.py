@@ -529,6 +529,7 @@ class RefreshScheduler:
                                             teacher_rev=teacher_rev,
                                             place_timeout_s=self.cfg.run.resource_wait_s,
                                             fault=self.teacher_fault)
+            self.state.pool_size = pool.size
         return pool
 
     def close_pool(self) -> None:
