@@ -9,7 +9,7 @@ fidelity measures is the same teacher's checkpoint at `v32_student_at` of the st
 Held-out sequences (corpus documents the teacher never trained on) are scored once; for each format
 the targets go through the production path (`targets.encode` → `targets.build_table` →
 `SoftTargetStore.write_shard`, zstd Parquet) and bytes/token = shard file bytes / (rows × seq_len),
-as `SoftTargetStore.summary()` counts it. Fidelity = `targets.fidelity` on the first sequences of
+as `SoftTargetStore.summary()` counts it. Fidelity = `fidelity.fidelity` on the first sequences of
 the shard, decoded back from the file (float16 rounding included), against the dense teacher.
 
 A briefly trained small model is far less certain than a real LLM (mean entropy ~5-7 nats vs
@@ -166,9 +166,10 @@ def run_row_5(sizes, work: str, details: dict) -> list[Row]:
     import pyarrow.parquet as pq
     import torch
 
+    from raydistill.fidelity import fidelity
     from raydistill.models import load_causal_lm
     from raydistill.store import SoftTargetStore
-    from raydistill.targets import build_table, decode, encode, fidelity, id_type
+    from raydistill.targets import build_table, decode, encode, id_type
 
     torch.set_num_threads(os.cpu_count() or 1)
     teacher_dir, student_dir, record = trained_teacher_32k(sizes)

@@ -9,7 +9,7 @@ Sections (every key optional except ``teacher.model``; see ``configs/default.yam
     targets   format (sampled|topk), k, samples, capture_temperature, store, shard_rows, keep_versions
     student   model | init_from_teacher, dtype
     train     workers, use_gpu, cpus_per_worker, resources, epochs, max_steps, batch_size, grad_accum,
-              lr, weight_decay, warmup_steps, grad_clip, loss, jsd_beta, alpha, temperature,
+              lr, weight_decay, warmup_ratio, warmup_steps, grad_clip, loss, jsd_beta, alpha, temperature,
               temperature_schedule {kind, start, end}, checkpoint_every, max_failures, online, log_every
     refresh   policy (none|round_robin|random), fraction, every_steps, source, max_replicas, seed,
               max_age, enforce (wait|warn), max_stall_share
@@ -41,6 +41,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 TARGET_FORMATS = ("sampled", "topk")
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 SCHEDULES = ("constant", "linear", "cosine")
+# T / targets.capture_temperature that topk's stored tail grid covers (1 / targets.TAIL_BETAS ends).
+TOPK_TEMPERATURE_RANGE = (0.5, 10.0)
 REFRESH_POLICIES = ("none", "round_robin", "random")
 REFRESH_SOURCES = ("teacher", "resample", "on_policy")
 REFRESH_ENFORCE = ("wait", "warn")
@@ -115,7 +117,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 10
+    warmup_ratio: float = 0.03  # LR warmup as a share of the run's steps (Hugging Face's convention)
+    warmup_steps: int | None = None  # set: this many warmup steps, and warmup_ratio is ignored (as in HF)
     grad_clip: float = 1.0
     loss: str = "forward_kl"
     jsd_beta: float = 0.5
@@ -331,7 +334,8 @@ _RULES: dict[str, tuple[Any, str, str]] = {
     "train.grad_accum": (*_ge(1), "use 1 for no accumulation"),
     "train.lr": (*_gt0(), "use a learning rate > 0, e.g. train.lr=3e-4"),
     "train.weight_decay": (*_ge(0), "use 0 for none, e.g. 0.01"),
-    "train.warmup_steps": (*_ge(0), "use 0 for no warmup"),
+    "train.warmup_steps": (*_ge(0), "use 0 for no warmup, or null to use train.warmup_ratio"),
+    "train.warmup_ratio": (*_in(0, 1, hi_open=True), "use a share of the run's steps, e.g. 0.03 (0: no warmup)"),
     "train.grad_clip": (*_ge(0), "use a max grad norm such as 1.0 (0 turns clipping off)"),
     "train.jsd_beta": (*_in(0, 1, True, True), "use a weight strictly between 0 and 1, e.g. 0.5"),
     "train.alpha": (*_in(0, 1), "alpha weighs KD against cross-entropy: use 0 to 1"),
@@ -469,6 +473,7 @@ def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) 
         out.append(f"train.loss: {tr.loss} needs targets.format=topk (sampled targets have no tail bucket "
                    f"for the mass outside the draws) — set targets.format=topk, "
                    f"train.loss=forward_kl, or train.online=true")
+    out += _temperature_problems(cfg)
     if 0 <= r.fraction <= 1 and r.policy in REFRESH_POLICIES:
         if r.policy != "none" and r.fraction == 0:
             out.append(f"refresh.fraction: 0 with refresh.policy={r.policy} refreshes nothing — set "
@@ -477,6 +482,40 @@ def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) 
             out.append(f"refresh.policy: none while refresh.fraction={r.fraction} — set "
                        f"refresh.policy=round_robin (bounded age) or random, or refresh.fraction=0")
     return out
+
+
+def _temperature_problems(cfg: Config) -> list[str]:
+    """Training temperatures the stored targets cannot serve: sampled counts only at their capture
+    temperature; topk only where its stored tail grid reaches (see targets.TAIL_BETAS)."""
+    tr, tc, fmt = cfg.train, cfg.targets.capture_temperature, cfg.targets.format
+    sch = tr.temperature_schedule
+    if tr.online or tr.alpha == 0 or fmt not in ("sampled", "topk") or not tc > 0 or not tr.temperature > 0:
+        return []
+    start = tr.temperature if sch.start is None else sch.start
+    end = tr.temperature if sch.end is None else sch.end
+    temps = [start] if sch.kind == "constant" else [start, end]
+    if not all(isinstance(x, float) and x > 0 for x in temps):
+        return []  # reported by the per-key rules
+    key = "train.temperature" if sch.kind == "constant" and sch.start is None else "train.temperature_schedule"
+    if fmt == "sampled" and any(not math.isclose(x, tc, rel_tol=1e-6) for x in temps):
+        return [f"{key}: {', '.join(f'{x:g}' for x in temps)} differs from targets.capture_temperature {tc:g} — "
+                "sampled counts estimate the teacher at the capture temperature only (re-tempering them "
+                f"is biased): set {key} to {tc:g}, set targets.capture_temperature to the training "
+                "temperature (drawn from the tempered teacher), or use targets.format=topk for a schedule"]
+    lo, hi = (tc * r for r in TOPK_TEMPERATURE_RANGE)
+    if fmt == "topk" and any(not lo * (1 - 1e-6) <= x <= hi * (1 + 1e-6) for x in temps):
+        return [f"{key}: {', '.join(f'{x:g}' for x in temps)} is outside {lo:g} to {hi:g}, the temperatures "
+                f"topk targets captured at targets.capture_temperature {tc:g} can be re-tempered to — keep "
+                "the temperatures in that range or capture at another targets.capture_temperature"]
+    return []
+
+
+def warmup_steps_for(train_cfg: TrainConfig, total_steps: int) -> int:
+    """LR warmup steps of a run of `total_steps`: train.warmup_steps if set (it wins, as in Hugging
+    Face), else ceil(train.warmup_ratio x total_steps)."""
+    if train_cfg.warmup_steps is not None:
+        return int(train_cfg.warmup_steps)
+    return int(math.ceil(train_cfg.warmup_ratio * max(0, total_steps)))
 
 
 def _model_problem(key: str, value: str) -> str | None:

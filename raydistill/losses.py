@@ -11,21 +11,26 @@ student: logsumexp of its log-probs over the non-support ids). Dense targets use
 The student distribution is always q = softmax(student_logits / T) over the FULL vocabulary,
 gathered at the support ids, so support mass the student puts elsewhere is penalised.
 
-Temperature T is applied to the student (logits / T) and to the teacher:
-  dense:   log_softmax(log p / T)                              exact.
-  topk:    log_softmax([log p_1..log p_k, log p_tail] / T)     exact on the support's relative weights;
-           the tail is tempered as one atom, an approximation of the tempered mass outside the
-           support (at T = 1 this only renormalises away float16 rounding).
-  sampled: p_hat^(1/T) renormalised over the drawn ids         an approximation (the counts are an
-           estimate of p, not of p^(1/T)); exact and unbiased at T = 1.
+Temperature. The stored targets describe p_Tc (Tc = the capture temperature they carry); at
+training temperature T the teacher is p_T ∝ p_Tc^b with b = Tc / T, the student q_T = softmax(s / T):
+  dense:   log_softmax(b log p)                                 exact.
+  topk:    support b log p_i, exact relative weights; tail log sum_tail p_v^b, interpolated from the
+           stored tail_pow (see targets: tail-mass error <= 2.4e-4 absolute for T/Tc in [0.5, 10]);
+           refused outside that range. At T = Tc the stored tail_logmass is used as is.
+  sampled: counts estimate p_Tc only, so T must equal Tc (p_hat^(1/T) is a biased estimate of
+           p_T): other temperatures are refused, naming targets.capture_temperature.
 `kd_loss` is NOT multiplied by T^2; `distill_loss` is: alpha * T^2 * KD + (1 - alpha) * CE.
 
 Losses (per token, summed over buckets b; p = teacher, q = student):
-  forward_kl  KL(p || q) = sum p_b (log p_b - log q_b)        any format; with sampled targets its
-              student gradient is an unbiased estimate of the dense one at T = 1.
+  forward_kl  KL(p || q) = sum p_b (log p_b - log q_b)        any format. sampled: the cross-entropy
+              estimate -sum p_hat log q minus the stored dense entropy H(p): an unbiased estimate
+              of the dense KL (the plug-in sum p_hat log p_hat is biased upward by the entropy of
+              p_hat); its student gradient is unbiased too. topk: KL over the k + 1 buckets, a lower
+              bound of the dense KL (the tail's inner distribution is not stored).
   reverse_kl  KL(q || p) = sum q_b (log q_b - log p_b)        topk or dense.
   jsd         beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (in log space), 0 < beta < 1.
   tvd         1/2 sum |p_b - q_b|                             topk or dense.
+Gradients are finite wherever the value is (zero-probability buckets never multiply 0 by -inf).
 """
 from __future__ import annotations
 
@@ -34,13 +39,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raydistill.targets import SparseTargets
+from raydistill.config import LOSSES, SCHEDULES
+from raydistill.targets import TAIL_BETAS, SparseTargets
 
 __all__ = ["LOSSES", "kd_loss", "ce_loss", "distill_loss", "temperature_at", "kd_per_token",
            "cross_entropy_per_token", "teacher_buckets", "student_buckets"]
-
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _has_tail(targets: SparseTargets, vocab: int) -> bool:
@@ -53,13 +56,53 @@ def teacher_buckets(targets: SparseTargets, temperature: float = 1.0,
     """Teacher log-probs on the buckets at `temperature`, detached float32: [..., M] or [..., M+1].
 
     The last bucket is the tail for topk targets (unless k equals `vocab`). Padding buckets of
-    sampled targets stay -inf.
+    sampled targets stay -inf. Raises ValueError where the stored data cannot give p_T exactly
+    (sampled at T != Tc) or within the stated error (topk outside the tail grid).
     """
-    lp = targets.logprobs.detach().float()
+    b = _exponent(targets, temperature)
+    lp = targets.logprobs.detach().float() * b
     if targets.kind == "topk" and (vocab is None or _has_tail(targets, vocab)):
-        lp = torch.cat([lp, targets.tail_logmass.detach().float().unsqueeze(-1)], dim=-1)
-    # log_softmax renormalises: tempering, float16 rounding, counts -> p_hat^(1/T).
-    return F.log_softmax(lp / temperature, dim=-1)
+        if math.isclose(b, 1.0, rel_tol=1e-6):
+            tail = targets.tail_logmass.detach().float()
+        else:
+            tail = _tail_at(targets, b)
+        lp = torch.cat([lp, tail.unsqueeze(-1)], dim=-1)
+    # log_softmax renormalises: tempering, float16 rounding.
+    return F.log_softmax(lp, dim=-1)
+
+
+def _exponent(targets: SparseTargets, temperature: float) -> float:
+    """b = Tc / T, the power that takes the stored p_Tc to p_T; refused where it would be wrong."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    tc = targets.capture_temperature
+    b = tc / temperature
+    if targets.kind == "sampled" and not math.isclose(b, 1.0, rel_tol=1e-6):
+        raise ValueError(f"train.temperature {temperature:g} differs from targets.capture_temperature {tc:g}: "
+                         "sampled counts estimate the teacher at the capture temperature only (re-tempering "
+                         "them is biased) — set train.temperature (and train.temperature_schedule) to "
+                         f"{tc:g}, capture at the training temperature, or use targets.format=topk")
+    if targets.kind == "topk" and not min(TAIL_BETAS) <= b <= max(TAIL_BETAS) * (1 + 1e-6):
+        lo, hi = tc / max(TAIL_BETAS), tc / min(TAIL_BETAS)
+        raise ValueError(f"train.temperature {temperature:g} is outside what topk targets captured at "
+                         f"targets.capture_temperature {tc:g} can re-temper ({lo:g} to {hi:g}) — keep "
+                         "train.temperature and the schedule in that range, or capture at another temperature")
+    return b
+
+
+def _tail_at(targets: SparseTargets, b: float) -> torch.Tensor:
+    """log sum_tail p_v^b by cubic Hermite interpolation of the stored values and slopes (convex in b)."""
+    if targets.tail_pow is None:
+        raise ValueError("these topk targets carry no tail_pow (written by an older raydistill): they can be "
+                         "used only at their capture temperature — re-run the teacher pass to re-temper them")
+    g, tp = len(TAIL_BETAS), targets.tail_pow.detach().float()
+    i = min(j for j in range(g - 1) if TAIL_BETAS[j + 1] <= b)     # TAIL_BETAS descend
+    hi, lo = TAIL_BETAS[i], TAIL_BETAS[i + 1]
+    h = hi - lo
+    s = min(max((b - lo) / h, 0.0), 1.0)
+    h00, h10, h01, h11 = 2 * s**3 - 3 * s**2 + 1, s**3 - 2 * s**2 + s, -2 * s**3 + 3 * s**2, s**3 - s**2
+    return (h00 * tp[..., i + 1] + h10 * h * tp[..., g + i + 1]
+            + h01 * tp[..., i] + h11 * h * tp[..., g + i])
 
 
 def student_buckets(student_logprobs: torch.Tensor, targets: SparseTargets) -> torch.Tensor:
@@ -74,13 +117,21 @@ def student_buckets(student_logprobs: torch.Tensor, targets: SparseTargets) -> t
     lq = student_logprobs.gather(-1, ids)
     if _has_tail(targets, student_logprobs.shape[-1]):
         rest = student_logprobs.scatter(-1, ids, float("-inf"))
-        lq = torch.cat([lq, torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
+        lq = torch.cat([lq, _safe_logsumexp(rest).unsqueeze(-1)], dim=-1)
     return lq
 
 
 def _xlogy_terms(p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    # p * diff with 0 where p == 0 (padding, -inf log-probs): avoids 0 * inf = NaN in value and grad.
-    return torch.where(p > 0, p * diff, torch.zeros_like(diff))
+    # p * diff with 0 where p == 0 (padding, -inf log-probs). diff is masked *before* the product:
+    # where(p > 0, p * diff, 0) has a NaN gradient there, because its backward multiplies 0 by -inf.
+    return p * torch.where(p > 0, diff, torch.zeros_like(diff))
+
+
+def _safe_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    # logsumexp of an all -inf row is -inf, but its backward is NaN (exp(-inf - -inf)): mask those rows.
+    empty = torch.isneginf(x).all(dim=dim, keepdim=True)
+    out = torch.logsumexp(torch.where(empty, torch.zeros_like(x), x), dim=dim, keepdim=True)
+    return torch.where(empty, torch.full_like(out, float("-inf")), out).squeeze(dim)
 
 
 def _check_beta(jsd_beta: float) -> None:
@@ -97,8 +148,6 @@ def kd_per_token(student_logits: torch.Tensor, targets: SparseTargets, *, loss: 
     """
     if loss not in LOSSES:
         raise ValueError(f"train.loss={loss!r} is not one of {', '.join(LOSSES)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     if targets.kind == "sampled" and loss != "forward_kl":
         raise ValueError(f"train.loss={loss} needs targets.format=topk (or dense targets): sampled "
                          "targets have no tail bucket for the mass the student puts outside the drawn "
@@ -109,6 +158,8 @@ def kd_per_token(student_logits: torch.Tensor, targets: SparseTargets, *, loss: 
     lp = teacher_buckets(targets, temperature, vocab)
     p = lp.exp()
     if loss == "forward_kl":
+        if targets.kind == "sampled" and targets.entropy is not None:
+            return _xlogy_terms(p, -lq).sum(-1) - targets.entropy.float()   # unbiased: CE - H
         return _xlogy_terms(p, lp - lq).sum(-1)
     q = lq.exp()
     if loss == "reverse_kl":
@@ -116,7 +167,11 @@ def kd_per_token(student_logits: torch.Tensor, targets: SparseTargets, *, loss: 
     if loss == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     _check_beta(jsd_beta)
-    lm = torch.logaddexp(lp + math.log(jsd_beta), lq + math.log1p(-jsd_beta))
+    # Buckets where both are 0 have m = 0; mask them so logaddexp's backward sees no -inf - -inf.
+    none = (p == 0) & (q == 0)
+    zero = torch.zeros_like(lp)
+    lm = torch.logaddexp(torch.where(none, zero, lp + math.log(jsd_beta)),
+                         torch.where(none, zero, lq + math.log1p(-jsd_beta)))
     return (jsd_beta * _xlogy_terms(p, lp - lm).sum(-1)
             + (1.0 - jsd_beta) * _xlogy_terms(q, lq - lm).sum(-1))
 
@@ -179,6 +234,10 @@ def distill_loss(student_logits: torch.Tensor, targets: SparseTargets, labels: t
                  alpha: float, temperature: float = 1.0, loss: str = "forward_kl", jsd_beta: float = 0.5,
                  ignore_index: int = -100) -> tuple[torch.Tensor, dict[str, float]]:
     """alpha * T^2 * kd_loss + (1 - alpha) * ce_loss -> (total scalar, {"kd": float, "ce": float}).
+
+    "kd" is the KD term's value: an unbiased estimate of the dense divergence for dense and sampled
+    targets (sampled forward KL: cross-entropy minus the stored entropy), the bucket divergence (a
+    lower bound) for topk.
 
     T^2 keeps the soft-target gradient scale independent of T. The KD term is not computed when
     alpha == 0, the CE term not when alpha == 1; a skipped term is reported as 0.0.

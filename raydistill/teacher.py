@@ -22,18 +22,20 @@ import torch
 from . import faults
 from .models import DTYPES
 from .store import SoftTargetStore
-from .targets import build_table
+from .targets import SCHEMA_VERSION, build_table
 from .tasks.base import int_matrix
 
 
 def target_params(targets_cfg) -> dict:
-    """The format and the parameters that define it (what a resumable pass compares)."""
+    """The format and the parameters that define it (what a resumable pass compares). `schema`
+    numbers the shard layout (targets.SCHEMA_VERSION): a store written with another is not reused."""
     if targets_cfg.format == "topk":
-        return {"format": "topk", "k": targets_cfg.k, "capture_temperature": targets_cfg.capture_temperature}
+        return {"format": "topk", "k": targets_cfg.k, "capture_temperature": targets_cfg.capture_temperature,
+                "schema": SCHEMA_VERSION}
     if targets_cfg.format == "dense":
         return {"format": "dense", "capture_temperature": targets_cfg.capture_temperature}
     return {"format": "sampled", "samples": targets_cfg.samples,
-            "capture_temperature": targets_cfg.capture_temperature}
+            "capture_temperature": targets_cfg.capture_temperature, "schema": SCHEMA_VERSION}
 
 
 # The name the refresh code and tests know the task seam's int-matrix helper by.

@@ -186,7 +186,7 @@ class Trainer:
         import ray.train
         import ray.train.torch
 
-        from .config import Config
+        from .config import Config, warmup_steps_for
         from .metrics import RunMetrics
         from .tasks import get_task
 
@@ -201,8 +201,8 @@ class Trainer:
         self.amp = self.device.type == "cuda"  # bf16 autocast on GPUs; CPU steps stay float32
         self.model = ray.train.torch.prepare_model(self.task.build_student(seed=cfg.run.seed))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                             lr_lambda(t.warmup_steps, plan.total_steps))
+        warmup = warmup_steps_for(t, plan.total_steps)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, plan.total_steps))
         self.teacher = None
         if t.online:  # the baseline: the teacher's forward runs inside every student step
             tc = cfg.teacher

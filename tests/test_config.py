@@ -64,7 +64,8 @@ def test_yaml_then_overrides_precedence(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text("run: {name: from-yaml, seed: 3}\ntrain: {lr: 0.01, temperature_schedule: {kind: linear}}\n")
     base = {**VALID, "run": {"name": "from-base", "output_dir": "out"}, "train": {"lr": 0.5, "epochs": 4}}
-    cfg = load_config(str(p), ["train.lr=3e-4", "run.seed=7", "train.temperature_schedule.end=2",
+    # (topk: a temperature schedule needs re-temperable targets; sampled ones are refused)
+    cfg = load_config(str(p), ["train.lr=3e-4", "run.seed=7", "train.temperature_schedule.end=2", "targets.format=topk",
                                "data.max_rows=null", "teacher.resources.teacher_node=1"], base=base)
     assert cfg.run.name == "from-yaml" and cfg.run.output_dir == "out"  # yaml over base, base kept
     assert cfg.run.seed == 7 and cfg.train.lr == 3e-4 and cfg.train.epochs == 4

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -30,8 +31,17 @@ def _topk(teacher, k):
     """Top-k targets built exactly in float32 (what encode stores, before float16 rounding)."""
     lp = F.log_softmax(teacher.float(), -1)
     vals, ids = lp.topk(k, -1)
-    tail = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), -1).clamp(min=tg.FP16_MIN)
-    return SparseTargets(ids, vals, tail, torch.zeros(teacher.shape[:2]), "topk")
+    rest = lp.scatter(-1, ids, float("-inf"))
+    tail = torch.logsumexp(rest, -1).clamp(min=tg.FP16_MIN)
+    return SparseTargets(ids, vals, tail, torch.zeros(teacher.shape[:2]), "topk", tail_pow=_tail_pow(rest))
+
+
+def _tail_pow(rest):
+    """Tail log-mass log sum p^b and its slope at the stored exponents, straight from the definition."""
+    fin = rest.double().nan_to_num(neginf=0.0)
+    f = [torch.logsumexp(b * rest.double(), -1).clamp(min=tg.FP16_MIN) for b in tg.TAIL_BETAS]
+    d = [(torch.softmax(b * rest.double(), -1).nan_to_num(0.0) * fin).sum(-1) for b in tg.TAIL_BETAS]
+    return torch.stack(f + d, -1).float()
 
 
 def _dense_ref(s, t, labels, loss, temperature=1.0, beta=0.5):
@@ -80,9 +90,14 @@ def test_full_vocab_topk_equals_dense(loss, temperature):
     torch.testing.assert_close(g_d.double(), g_ref, atol=1e-5, rtol=1e-4)
 
 
-def _tail_bucket_ref(s, targets, labels, loss, temperature, beta=0.5):
-    """Hand-written buckets (support ids + one tail), float64, q_tail = 1 - sum of support q."""
-    z = torch.cat([targets.logprobs.double(), targets.tail_logmass.double().unsqueeze(-1)], -1) / temperature
+def _tail_bucket_ref(s, targets, labels, loss, temperature, beta=0.5, teacher=None):
+    """Hand-written buckets (support ids + one tail), float64, q_tail = 1 - sum of support q.
+
+    The teacher's tempered tail is the dense one, sum over the tail of p_v^(1/T) (not the tail atom
+    tempered as one, which is what a stored log-mass alone would give)."""
+    lp_dense = F.log_softmax(teacher.double(), -1)
+    tail = torch.logsumexp(lp_dense.scatter(-1, targets.ids, float("-inf")) / temperature, -1)
+    z = torch.cat([targets.logprobs.double() / temperature, tail.unsqueeze(-1)], -1)
     lp = F.log_softmax(z, -1)                                  # re-tempered, renormalised teacher buckets
     q_full = F.softmax(s.double() / temperature, -1)
     q_sup = q_full.gather(-1, targets.ids)
@@ -101,7 +116,8 @@ def test_topk_with_tail_bucket_matches_hand_computation(loss, temperature):
     got, g_got = _value_and_grad(
         lambda s: kd_loss(s, targets, labels, loss=loss, temperature=temperature, jsd_beta=0.3), student)
     ref, g_ref = _value_and_grad(
-        lambda s: _tail_bucket_ref(s, targets, labels, loss, temperature, beta=0.3), student.double())
+        lambda s: _tail_bucket_ref(s, targets, labels, loss, temperature, beta=0.3, teacher=teacher),
+        student.double())
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_got.double(), g_ref, atol=1e-5, rtol=1e-4)
 
@@ -194,6 +210,8 @@ def test_all_masked_batch_gives_zero_and_finite_grads(loss):
     for name, targets in _all_kinds(teacher).items():
         if name == "sampled" and loss != "forward_kl":
             continue
+        if name == "sampled":  # sampled targets are used only at their capture temperature
+            targets = replace(targets, capture_temperature=2.0)
         for s_dtype in (torch.float32, torch.bfloat16):
             s = student.detach().to(s_dtype).clone().requires_grad_(True)
             out = kd_loss(s, targets, labels, loss=loss, temperature=2.0)
@@ -230,9 +248,10 @@ def test_sampled_padding_is_ignored():
     teacher, student, labels = _setup(seed=7)
     targets = _all_kinds(teacher)["sampled"]
     support = SparseTargets(targets.ids[..., :4], targets.logprobs[..., :4], None, targets.label_logprob, "sampled")
-    for temp in (1.0, 3.0):
-        torch.testing.assert_close(kd_loss(student, targets, labels, temperature=temp),
-                                   kd_loss(student, support, labels, temperature=temp))
+    for temp in (1.0, 3.0):  # (captured at temp: sampled targets are used only at that temperature)
+        torch.testing.assert_close(kd_loss(student, replace(targets, capture_temperature=temp), labels, temperature=temp),
+                                   kd_loss(student, replace(support, capture_temperature=temp), labels,
+                                           temperature=temp))
     # at T = 1: sum over the drawn ids of p_hat * (log p_hat - log q), q over the full vocab
     lq = F.log_softmax(student.double(), -1).gather(-1, targets.ids[..., :4])
     per = (0.25 * (math.log(0.25) - lq)).sum(-1)
@@ -304,7 +323,8 @@ def test_losses_are_bounded_divergences(seed, k, temp, beta, scale):
     teacher = torch.randn(3, 12, generator=g) * scale
     student = torch.randn(3, 12, generator=g) * scale
     targets = _topk(teacher.unsqueeze(0), k)
-    targets = SparseTargets(targets.ids[0], targets.logprobs[0], targets.tail_logmass[0], torch.zeros(3), "topk")
+    targets = SparseTargets(targets.ids[0], targets.logprobs[0], targets.tail_logmass[0], torch.zeros(3), "topk",
+                            tail_pow=targets.tail_pow[0])
     vals = {loss: kd_per_token(student, targets, loss=loss, temperature=temp, jsd_beta=beta) for loss in LOSSES}
     for loss, v in vals.items():
         assert torch.isfinite(v).all() and (v >= -1e-5).all(), loss

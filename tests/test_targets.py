@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from raydistill import targets as tg
+from raydistill.fidelity import fidelity
+from raydistill.store import SoftTargetStore
 
 
 def _logits(b, seq_len, vocab, seed=0, scale=2.0):
@@ -27,7 +29,7 @@ def _table(enc, input_ids, fmt, vocab):
 
 def _parquet_roundtrip(table, tmp_path):
     path = tmp_path / "shard.parquet"
-    pq.write_table(table, path, **tg.write_options(table.schema))
+    SoftTargetStore(str(tmp_path)).write_file("shard.parquet", table)   # the store's write path
     meta = pq.ParquetFile(path).metadata
     # zstd everywhere; no dictionary pages on id / log-prob columns
     for i in range(meta.num_columns):
@@ -43,16 +45,19 @@ def test_id_type_by_vocab_size():
     assert tg.id_type(65536) == pa.uint16() and tg.id_dtype(65536) == np.uint16
     assert tg.id_type(65537) == pa.uint32() and tg.id_dtype(65537) == np.uint32
     s = tg.arrow_schema("topk", 70000)
-    assert s.names == ["seq_id", "input_ids", "policy_version", "label_logprob",
-                       "topk_ids", "topk_logprobs", "tail_logmass"]
+    assert s.names == ["seq_id", "input_ids", "policy_version", "capture_temperature", "label_logprob",
+                       "topk_ids", "topk_logprobs", "tail_logmass", "tail_pow"]
     assert s.field("input_ids").type == pa.list_(pa.uint32())
+    assert s.field("capture_temperature").type == pa.float32()
+    assert s.field("tail_pow").type == pa.list_(pa.float16())
     s = tg.arrow_schema("sampled", 2048)
-    assert s.names[4:] == ["sample_ids", "sample_counts", "sample_len"]
+    assert s.names[5:] == ["sample_ids", "sample_counts", "sample_len", "entropy"]
+    assert s.field("entropy").type == pa.list_(pa.float16())
     assert s.field("sample_ids").type == pa.list_(pa.uint16())
     assert s.field("sample_counts").type == pa.list_(pa.uint8())
     assert s.field("label_logprob").type == pa.list_(pa.float16())
     with pytest.raises(ValueError, match="targets.format"):
-        tg.arrow_schema("dense", 10)
+        tg.arrow_schema("bogus", 10)
 
 
 def test_topk_parquet_roundtrip_values(tmp_path):
@@ -250,13 +255,13 @@ def test_fidelity_full_topk_is_exact():
     vocab = teacher.shape[-1]
     enc = tg.encode(teacher, input_ids, fmt="topk", k=vocab, vocab_size=vocab)
     _, t = tg.decode(_table(enc, input_ids, "topk", vocab), "topk")
-    f = tg.fidelity(teacher[:, :-1], student[:, :-1], t, labels)
+    f = fidelity(teacher[:, :-1], student[:, :-1], t, labels)
     assert f["tokens"] == int((labels != -100).sum())
     assert abs(f["captured_mass_mean"] - 1) < 1e-5 and abs(f["captured_mass_p1"] - 1) < 1e-5
     assert abs(f["ce_bias"]) < 2e-3 and abs(f["ce_bias_rel"]) < 1e-3    # float16 storage only
     assert f["grad_angle_deg"] < 1.0 and f["grad_angle_batch_deg"] < 1.0
     assert abs(f["grad_norm_ratio"] - 1) < 5e-3
-    d = tg.fidelity(teacher[:, :-1], student[:, :-1], tg.from_logits(teacher[:, :-1]), labels)
+    d = fidelity(teacher[:, :-1], student[:, :-1], tg.from_logits(teacher[:, :-1]), labels)
     assert d["captured_mass_mean"] == 1.0 and abs(d["ce_bias"]) < 1e-6 and d["grad_angle_deg"] < 0.1
 
 
@@ -268,7 +273,7 @@ def test_fidelity_sampled_beats_small_topk():
     for fmt in ("sampled", "topk"):
         enc = tg.encode(teacher, input_ids, fmt=fmt, k=2, samples=200, vocab_size=vocab, generator=g)
         _, t = tg.decode(_table(enc, input_ids, fmt, vocab), fmt)
-        out[fmt] = tg.fidelity(teacher[:, :-1], student[:, :-1], t, labels)
+        out[fmt] = fidelity(teacher[:, :-1], student[:, :-1], t, labels)
     s, k = out["sampled"], out["topk"]
     assert s["captured_mass_mean"] > k["captured_mass_mean"]
     assert abs(s["ce_bias_rel"]) < 0.02                                  # unbiased up to sampling noise
@@ -288,4 +293,3 @@ def test_sparse_targets_to_and_select():
     mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
     sel = t.select(mask)
     assert sel.ids.shape == (3, 3) and sel.tail_logmass.shape == (3,)
-    assert tg.bytes_per_token(100, 0) == 0.0 and tg.bytes_per_token(100, 4) == 25.0
