@@ -293,6 +293,13 @@ def test_no_label_column_needs_alpha_one(cls_models, corpus, tmp_path):
     assert [p.split(":")[0] for p in problems] == ["run.compare_hard_labels"]
 
 
+def test_on_policy_refresh_refused(cls_models, corpus, tmp_path):
+    cfg = make_cfg(cls_models, corpus, tmp_path, **{"refresh.policy": "round_robin", "refresh.fraction": 0.5,
+                                                    "refresh.source": "on_policy"})
+    (msg,) = _problems(cfg)
+    assert msg.startswith("refresh.source: on_policy") and "refresh.source=teacher" in msg
+
+
 def test_missing_columns_refused(cls_models, corpus, tmp_path):
     problems = _problems(make_cfg(cls_models, corpus, tmp_path, **{"data.label_column": "sentiment",
                                                                    "data.text_pair_column": "hypothesis"}))

@@ -161,6 +161,10 @@ class SequenceClassification(Task):
                             f"{n} ({', '.join(map(str, label_names(t_conf)))}) — a student must predict "
                             "the teacher's classes: use a student with the same num_labels, or "
                             "student.init_from_teacher")
+        if cfg.refresh.policy != "none" and cfg.refresh.source == "on_policy":
+            problems.append("refresh.source: on_policy re-scores inputs the student generates; a classifier "
+                            "generates no text — use refresh.source=teacher (a new teacher revision) or "
+                            "refresh.policy=none (a fixed teacher's dense targets never go stale)")
         if d.label_column is None:
             if cfg.train.alpha != 1:
                 problems.append(f"train.alpha: {cfg.train.alpha} weighs in a cross-entropy on labels, but "
