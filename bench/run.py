@@ -15,6 +15,8 @@ Rows (see each module's docstring for the exact method):
   7  GPU: the same on a GPU with a ~100M+ teacher (only where one is lent)
   8  the enforced staleness bound: train tok/s and stall share, refresh pool 1 vs 2 vs none  refresh_rows.py
      (not in the default set: `--rows 8`)
+  9  128k vocabulary: fused head + loss vs full logits (train step memory/speed, teacher pass memory,
+     growth 32k -> 256k), each figure from its own child process  vocab_rows.py (`--rows 9`)
 
 Rows 1-4 share one local Ray (`ray.init(num_cpus=8)`); row 5 needs none; row 6 runs each corpus
 size in a child process with its own Ray so that its whole process tree can be measured.
@@ -152,9 +154,13 @@ def main(argv=None) -> int:
         from refresh_rows import run_row_8
 
         section("8", lambda: (init_ray(8), run_row_8(sizes, assets, work, details))[1])
+    if "9" in wanted:
+        from vocab_rows import run_row_9
+
+        section("9", lambda: run_row_9(sizes, work, details))
     rows.append(gpu_row())
 
-    order = {"1": 0, "2": 1, "3": 2, "3b": 3, "4": 4, "5": 5, "6": 6, "7": 7, "8": 8}
+    order = {"1": 0, "2": 1, "3": 2, "3b": 3, "4": 4, "5": 5, "6": 6, "7": 7, "8": 8, "9": 9}
     rows.sort(key=lambda r: order.get(r.row, 9 if "-" not in r.row else order.get(r.row[0], 9)))
     result = save(final=True)
     print()

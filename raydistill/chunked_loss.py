@@ -32,19 +32,30 @@ import torch.nn.functional as F
 from raydistill.losses import ce_loss, kd_per_token
 from raydistill.targets import SparseTargets, encode
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "fused_distill_loss", "encode_chunked", "model_hidden"]
+__all__ = ["CHUNK_LOGITS", "chunk_tokens_for", "fused_distill_loss", "encode_chunked", "model_hidden"]
 
-# Tokens per chunk of logits (train.loss_chunk_tokens): chosen by bench/vocab_rows.py (README).
-DEFAULT_CHUNK_TOKENS = 256
+# Chunk size when none is given (train.loss_chunk_tokens: null): a chunk holds about CHUNK_LOGITS
+# logits, so its memory is the same at every vocabulary (about 7 float32 copies of it exist during a
+# chunk: 0.45 GiB at 2^24). bench/vocab_rows.py measured 3.4 MiB per chunk token at V = 128,256
+# (7 copies of a row) and no slower steps down to 64 tokens per chunk; README, "Large vocabularies".
+CHUNK_LOGITS = 2 ** 24
+MIN_CHUNK_TOKENS = 16
+
+
+def chunk_tokens_for(vocab: int, chunk_tokens: int | None = None) -> int:
+    """Tokens per chunk: `chunk_tokens` if given (>= 1), else CHUNK_LOGITS // vocab (at least 16)."""
+    if chunk_tokens is None:
+        return max(MIN_CHUNK_TOKENS, CHUNK_LOGITS // max(int(vocab), 1))
+    if not (isinstance(chunk_tokens, int) and not isinstance(chunk_tokens, bool) and chunk_tokens >= 1):
+        raise ValueError(f"train.loss_chunk_tokens must be an integer >= 1 or null (auto), got {chunk_tokens!r}")
+    return chunk_tokens
 
 
 # ---------------------------------------------------------------------------------------- student
 
-def _check(hidden, weight, bias, targets, labels, alpha, chunk_tokens) -> None:
+def _check(hidden, weight, bias, targets, labels, alpha) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"train.alpha must be in [0, 1], got {alpha}")
-    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
-        raise ValueError(f"train.loss_chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"expected hidden [B, T, H] and labels [B, T], got {tuple(hidden.shape)} and "
                          f"{tuple(labels.shape)} — pass the final hidden states [:, :-1] and input_ids[:, 1:]")
@@ -138,17 +149,19 @@ class _FusedHeadKD(torch.autograd.Function):
 def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: SparseTargets | None,
                        labels: torch.Tensor, *, bias: torch.Tensor | None = None, alpha: float,
                        temperature: float = 1.0, loss: str = "forward_kl", jsd_beta: float = 0.5,
-                       ignore_index: int = -100, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                       ignore_index: int = -100, chunk_tokens: int | None = None,
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """`losses.distill_loss(F.linear(hidden, weight, bias), targets, labels, ...)` without the full logits.
 
     hidden [B, T, H] any float dtype (the student's final hidden states at positions 0..T-1, i.e.
     `[:, :-1]`), weight [V, H], bias [V] or None, targets [B, T, ...] (None only with alpha == 0),
     labels [B, T]. Returns (scalar float32 total, {"kd": float, "ce": float}) like `distill_loss`;
-    at most `chunk_tokens` rows of [*, V] logits (and their float32 copies) exist at any time.
+    at most `chunk_tokens` rows of [*, V] logits (and their float32 copies) exist at any time
+    (None: `chunk_tokens_for(V)`, a chunk of about CHUNK_LOGITS logits).
     Masked rows (labels == ignore_index) are dropped before any logit is computed.
     """
-    _check(hidden, weight, bias, targets, labels, alpha, chunk_tokens)
+    _check(hidden, weight, bias, targets, labels, alpha)
+    chunk_tokens = chunk_tokens_for(weight.shape[0], chunk_tokens)
     if targets is None and alpha > 0:
         raise ValueError("fused_distill_loss: targets are None but train.alpha > 0 — give targets or alpha=0")
     mask = labels != ignore_index
@@ -204,12 +217,12 @@ def _windows(bsz: int, seq_len: int, chunk_tokens: int):
 
 
 def encode_chunked(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, *,
-                   bias: torch.Tensor | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                   bias: torch.Tensor | None = None, chunk_tokens: int | None = None,
                    **encode_kwargs) -> dict[str, list[np.ndarray]]:
     """`targets.encode(F.linear(hidden, weight, bias), input_ids, **encode_kwargs)` chunk by chunk.
 
     hidden [B, L, H]: the teacher's final hidden states (`model_hidden`), weight [V, H]. Each chunk
-    of about `chunk_tokens` positions gets its logits, goes through `targets.encode` and is dropped,
+    of about `chunk_tokens` positions (None: `chunk_tokens_for(V)`) gets its logits, goes through `targets.encode` and is dropped,
     so a pass's peak memory does not grow with V beyond one chunk. Returns encode's dict (one numpy
     array per sequence and column). encode_kwargs: fmt, k, samples, capture_temperature,
     vocab_size, generator — as for `targets.encode`.
@@ -217,8 +230,7 @@ def encode_chunked(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.
     if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
         raise ValueError(f"encode_chunked: expected hidden [B, L, H] and input_ids [B, L], got "
                          f"{tuple(hidden.shape)} and {tuple(input_ids.shape)}")
-    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
-        raise ValueError(f"encode_chunked: chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
+    chunk_tokens = chunk_tokens_for(weight.shape[0], chunk_tokens)
     bsz, seq_len, _ = hidden.shape
     if seq_len < 2:  # let encode say what is wrong, on the whole batch
         return encode(F.linear(hidden, weight, bias), input_ids, **encode_kwargs)

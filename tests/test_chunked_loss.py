@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill import targets as tg
-from raydistill.chunked_loss import encode_chunked, fused_distill_loss, model_hidden
+from raydistill.chunked_loss import CHUNK_LOGITS, chunk_tokens_for, encode_chunked, fused_distill_loss, model_hidden
 from raydistill.losses import LOSSES, distill_loss
 
 B, L, H, V = 3, 9, 16, 97
@@ -147,6 +147,15 @@ def test_bf16_hidden_and_weight(fmt, loss):
     torch.testing.assert_close(got32, ref32, rtol=2e-2, atol=1e-3)
 
 
+def test_auto_chunk_holds_a_fixed_number_of_logits():
+    assert chunk_tokens_for(128_256) == CHUNK_LOGITS // 128_256 == 130
+    assert chunk_tokens_for(262_144) == 64 and chunk_tokens_for(32_000) == 524
+    assert chunk_tokens_for(10 ** 9) == 16 and chunk_tokens_for(97, 5) == 5
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="loss_chunk_tokens"):
+            chunk_tokens_for(97, bad)
+
+
 def test_no_grad_gives_values_only():
     input_ids, targets = _teacher_targets("topk")
     labels = _labels(input_ids, "partial")
@@ -207,7 +216,7 @@ def test_encode_chunked_equals_encode(fmt, chunk):
 
 def test_encode_chunked_bad_input():
     hidden, weight, bias, ids = _hidden_ids()
-    with pytest.raises(ValueError, match="chunk_tokens"):
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
         encode_chunked(hidden, weight, ids, chunk_tokens=0, fmt="topk", k=3, capture_temperature=1.0,
                        vocab_size=V)
     with pytest.raises(ValueError, match="targets.k"):  # encode's own check, inherited

@@ -1,0 +1,244 @@
+"""Row 8: memory-bounded KD at a 128,256-id vocabulary (issue 16), chunked vs today's full logits.
+
+Every figure comes from a fresh child process (`python bench/vocab_rows.py --child '<json>'`) that
+builds a tiny Llama (hidden 32, 1 layer: the vocabulary is the memory) from config, runs one warm-up
+step (so weights, gradients and AdamW state exist), then measures:
+
+  extra peak  VmHWM - VmRSS over one more step: the Linux high-water mark is reset just before it
+              (`/proc/self/clear_refs` = 5), and glibc is told to mmap every block >= 64 KiB
+              (MALLOC_MMAP_THRESHOLD_) so freed tensors leave RSS at once instead of hiding in
+              malloc arenas. This is what the step adds on top of the model, its gradients and
+              optimizer state (which both variants hold alike).
+  step time   median of `steps` further steps.
+
+Variants: `full` = today's path (`model(...).logits[:, :-1]` -> `losses.distill_loss`); `fused` =
+`chunked_loss.model_hidden` + `fused_distill_loss` (gradients computed in the forward chunk loop);
+`recompute` = the alternative design, each chunk under `torch.utils.checkpoint` (recomputed in
+backward). Teacher: a forward + `targets.encode` vs `model_hidden` + `encode_chunked`. The A and B
+children run interleaved (A B A B ...), and ratios are medians over the repeats.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+V128 = 128_256
+
+
+# ------------------------------------------------------------------------------------ child side
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+def _llama(vocab: int, hidden: int, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def _topk_targets(bsz: int, t: int, vocab: int, k: int, seed: int):
+    """Random top-k targets as decode gives them (k ids, log-probs, tail): the store's shape."""
+    import torch
+
+    from raydistill.targets import SparseTargets
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (bsz, t, k), generator=g)
+    lp = torch.log_softmax(torch.randn(bsz, t, k + 1, generator=g) * 2, -1)
+    return SparseTargets(ids, lp[..., :k], lp[..., k], lp[..., 0], "topk")
+
+
+def _train_step_fn(spec, model, input_ids, targets):
+    import torch
+
+    from raydistill import chunked_loss as cl
+    from raydistill.losses import distill_loss
+
+    labels = input_ids[:, 1:]
+    kw = dict(alpha=0.5, temperature=1.0, loss="forward_kl")
+    chunk = cl.chunk_tokens_for(spec["vocab"], spec["chunk_tokens"])
+
+    def full():
+        return distill_loss(model(input_ids=input_ids).logits[:, :-1], targets, labels, **kw)[0]
+
+    def fused():
+        hidden, w, b = cl.model_hidden(model, input_ids)
+        return cl.fused_distill_loss(hidden[:, :-1], w, targets, labels, bias=b, chunk_tokens=chunk, **kw)[0]
+
+    def recompute():  # the design not taken: checkpointed chunks, logits recomputed in backward
+        from torch.utils.checkpoint import checkpoint
+
+        hidden, w, _ = cl.model_hidden(model, input_ids)
+        rows, lab = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        tgt = targets.select(torch.ones_like(labels, dtype=torch.bool))
+        spec_ = dict(kw, jsd_beta=0.5)
+        total = 0.0
+        for lo, hi in cl._chunks(rows.shape[0], chunk):
+            def one(h, w, lo=lo, hi=hi):
+                return cl._total(*cl._chunk_loss(h @ w.t(), tgt.select(slice(lo, hi)), lab[lo:hi], spec_),
+                                 rows.shape[0], spec_)
+            total = total + checkpoint(one, rows[lo:hi], w, use_reentrant=False)
+        return total
+
+    return {"full": full, "fused": fused, "recompute": recompute}[spec["variant"]]
+
+
+def _teacher_pass_fn(spec, model, input_ids):
+    import torch
+
+    from raydistill import chunked_loss as cl
+    from raydistill.targets import encode
+
+    kw = dict(fmt=spec["fmt"], k=32, samples=50, capture_temperature=1.0, vocab_size=spec["vocab"])
+
+    def full():
+        with torch.inference_mode():
+            return encode(model(input_ids=input_ids).logits, input_ids, generator=torch.Generator().manual_seed(0),
+                          **kw)
+
+    def chunked():
+        with torch.inference_mode():
+            hidden, w, b = cl.model_hidden(model, input_ids)
+            return cl.encode_chunked(hidden, w, input_ids, bias=b, chunk_tokens=spec["chunk_tokens"],
+                                     generator=torch.Generator().manual_seed(0), **kw)
+
+    return {"full": full, "chunked": chunked}[spec["variant"]]
+
+
+def child(spec: dict) -> dict:
+    import gc
+
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 1))
+    bsz, seq = spec["batch"], spec["seq_len"]
+    model = _llama(spec["vocab"], spec["hidden"], seed=0)
+    input_ids = torch.randint(0, spec["vocab"], (bsz, seq), generator=torch.Generator().manual_seed(1))
+    if spec["kind"] == "train":
+        targets = _topk_targets(bsz, seq - 1, spec["vocab"], 32, seed=2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss_fn = _train_step_fn(spec, model, input_ids, targets)
+
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)  # gradients stay allocated: part of the baseline
+            return float(loss)
+    else:
+        model.eval()
+        step = _teacher_pass_fn(spec, model, input_ids)
+    step()  # warm-up: gradients, optimizer state, lazy allocations
+    gc.collect()
+    base = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    step()
+    peak = _status_mib("VmHWM")
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"base_mib": base, "peak_mib": peak, "extra_mib": peak - base,
+            "step_s": statistics.median(times) if times else None}
+
+
+# ------------------------------------------------------------------------------------ parent side
+
+def measure(spec: dict, timeout_s: float = 900) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([BENCH, ROOT]), MALLOC_MMAP_THRESHOLD_="65536",
+               OMP_NUM_THREADS=str(spec.get("threads", 1)))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {spec} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(base: dict, variant_a: str, variant_b: str, repeats: int) -> dict:
+    """A B A B ... children; median extra-peak and step-time ratios b / a, and the raw figures."""
+    runs = {variant_a: [], variant_b: []}
+    for _ in range(repeats):
+        for v in (variant_a, variant_b):
+            runs[v].append(measure(dict(base, variant=v)))
+    mem = [b["extra_mib"] / a["extra_mib"] for a, b in zip(runs[variant_a], runs[variant_b])]
+    speed = [a["step_s"] / b["step_s"] for a, b in zip(runs[variant_a], runs[variant_b])]
+    med = lambda v, k: statistics.median(r[k] for r in runs[v])  # noqa: E731
+    return {"mem_ratio": statistics.median(mem), "speed_ratio": statistics.median(speed),
+            "a_extra_mib": med(variant_a, "extra_mib"), "b_extra_mib": med(variant_b, "extra_mib"),
+            "a_step_s": med(variant_a, "step_s"), "b_step_s": med(variant_b, "step_s"), "runs": runs}
+
+
+def run_row_9(sizes, work: str, details: dict) -> list:
+    """Rows 9a-9d (see the module docstring); figures kept in details["row9"]."""
+    from common import Row, judge, log
+
+    from raydistill.chunked_loss import chunk_tokens_for
+
+    quick = sizes.name == "quick"
+    repeats, steps = (2, 1) if quick else (3, 3)
+    base = dict(hidden=32, batch=2, seq_len=257, steps=steps, chunk_tokens=None)  # 512 loss tokens
+    log(f"row 9: train step at V={V128:,}, full vs fused, {repeats} interleaved repeats")
+    train = compare(dict(base, kind="train", vocab=V128), "full", "fused", repeats)
+    log("row 9: teacher pass (sampled N=50), full logits vs encode_chunked")
+    teacher = compare(dict(base, kind="teacher", vocab=V128, fmt="sampled"), "full", "chunked", repeats)
+    log("row 9: fused step at V=32,000 and 262,144")
+    growth = {v: measure(dict(base, kind="train", vocab=v, variant="fused")) for v in (32_000, 262_144)}
+    details["row9"] = {"train": train, "teacher": teacher, "growth": growth, "spec": base}
+    g32, g256 = growth[32_000]["extra_mib"], growth[262_144]["extra_mib"]
+    head_mib = (262_144 - 32_000) * base["hidden"] * 4 / 2**20  # one float32 copy of the head's growth
+    tokens = base["batch"] * (base["seq_len"] - 1)
+    rows = [
+        Row("9a", f"train step extra peak, fused vs full logits (V={V128:,}, {tokens} tokens, tiny Llama)",
+            train["a_extra_mib"], train["b_extra_mib"], "MiB", train["mem_ratio"], "<= 0.3",
+            judge(train["mem_ratio"], "<=", 0.3), f"chunk {chunk_tokens_for(V128)} tokens (auto); "
+            f"full path {train['a_extra_mib'] / tokens:.2f} MiB/token"),
+        Row("9b", "train step speed, fused vs full (full s / fused s)", train["a_step_s"], train["b_step_s"],
+            "s", train["speed_ratio"], ">= 0.9", judge(train["speed_ratio"], ">=", 0.9),
+            "loaded 2-core machine: medians of interleaved children"),
+        Row("9c", f"teacher pass extra peak, encode_chunked vs full logits (V={V128:,})", teacher["a_extra_mib"],
+            teacher["b_extra_mib"], "MiB", teacher["mem_ratio"], "<= 0.3", judge(teacher["mem_ratio"], "<=", 0.3),
+            f"pass speed ratio {teacher['speed_ratio']:.2f}"),
+        Row("9d", "fused step extra peak, V=262,144 vs 32,000", g32, g256, "MiB", g256 / g32, "flat beyond weights",
+            "info", f"growth {g256 - g32:.0f} MiB; one float32 copy of the head's growth is {head_mib:.0f} MiB"),
+    ]
+    return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help="internal: run one measurement from a JSON spec")
+    ap.add_argument("--sweep", action="store_true", help="fused step time and extra peak over chunk sizes")
+    args = ap.parse_args(argv)
+    if args.child:
+        sys.path[:0] = [ROOT]
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.sweep:
+        base = dict(kind="train", vocab=V128, hidden=32, batch=4, seq_len=257, steps=3)
+        for chunk in (64, 128, 256, 512, 1024):
+            r = compare(dict(base, chunk_tokens=chunk), "full", "fused", repeats=1)
+            print(json.dumps({k: v for k, v in r.items() if k != "runs"} | {"chunk": chunk}), flush=True)
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
