@@ -16,6 +16,8 @@ Row 1b the input build alone (`build_inputs` on a fresh store: read, tokenize + 
        pyarrow read, a fresh tokenizer load, `tokenize_and_pack` per batch, `pq.write_table` per
        shard. Interleaved A B A B (`sizes.fixed_repeats` pairs), median ratio plain / build; each
        build starts with no cached tokenizer, as a fresh run does. Target: <= 3 s at this size.
+Row 1c the same build through the Ray Data reader (what corpora above `data.IN_PROCESS_MAX_BYTES`
+       use, and every corpus used before) against the driver reader, one A B pair, the same rows.
 
 Breakdown (the profile of where the pass's time goes): the same stages timed in-process on the same
 sequences (tokenize, forward, encode, build_table + write_shard), and the pass's first-commit
@@ -151,7 +153,25 @@ def plain_input_build(cfg, info, out_dir: str) -> float:
     return t()
 
 
-def run_row_1b(sizes, cfg, info, work: str, details: dict) -> Row:
+def _ray_data_build(sizes, cfg, info, work: str) -> float:
+    """Row 1c: build_inputs with the driver reader switched off (seconds)."""
+    import raydistill.data as data
+    from raydistill.pipeline import open_store
+
+    c = bench_config(sizes, teacher=cfg.teacher.model, corpus=cfg.data.path,
+                     out_dir=os.path.join(work, "row1c"), name="row1c")
+    saved = data.IN_PROCESS_MAX_BYTES, data.IN_PROCESS_MAX_ROWS
+    data.IN_PROCESS_MAX_BYTES = data.IN_PROCESS_MAX_ROWS = 0
+    try:
+        t = Timer()
+        data.build_inputs(c, open_store(c, info), info)
+        return t()
+    finally:
+        data.IN_PROCESS_MAX_BYTES, data.IN_PROCESS_MAX_ROWS = saved
+        shutil.rmtree(os.path.join(work, "row1c"), ignore_errors=True)
+
+
+def run_row_1b(sizes, cfg, info, work: str, details: dict) -> list[Row]:
     """Input build vs the plain baseline, interleaved A B A B; the median of the pairs' ratios."""
     import raydistill.data as data
     from raydistill.pipeline import open_store
@@ -169,14 +189,20 @@ def run_row_1b(sizes, cfg, info, work: str, details: dict) -> Row:
         pairs.append({"build_s": build_s, "plain_s": plain_s, "ratio": plain_s / build_s,
                       "train_rows": res["train_rows"], "shards": res["shards"]})
         shutil.rmtree(os.path.join(work, f"row1b-{i}"), ignore_errors=True)
-    details["row1b"] = {"pairs": pairs, "in_process": data.in_process(*data.resolve_corpus(cfg.data), cfg.data)}
+    ray_data_s = _ray_data_build(sizes, cfg, info, work)
+    driver_s = pairs[-1]["build_s"]  # the A of the A B pair: the build just before it
+    details["row1b"] = {"pairs": pairs, "in_process": data.in_process(*data.resolve_corpus(cfg.data), cfg.data),
+                        "ray_data_build_s": ray_data_s}
     mid = sorted(pairs, key=lambda p: p["ratio"])[len(pairs) // 2]
     build = median([p["build_s"] for p in pairs])
-    return Row("1b", "input build vs plain read+tokenize+write", median([p["plain_s"] for p in pairs]), build, "s",
+    row_c = Row("1c", "input build: driver vs Ray Data reader", ray_data_s, driver_s, "s", ray_data_s / driver_s,
+                "info", "info", f"speed-up of the driver reader on this corpus: Ray Data {ray_data_s:.1f}s vs "
+                f"driver {driver_s:.2f}s (Ray Data start-up: read, metadata and map tasks, each a worker process)")
+    return [Row("1b", "input build vs plain read+tokenize+write", median([p["plain_s"] for p in pairs]), build, "s",
                mid["ratio"], "build <= 3 s", "pass" if build <= 3.0 else "FAIL",
                f"{pairs[0]['train_rows']} sequences, {pairs[0]['shards']} shards; pairs (build / plain s): " +
                ", ".join(f"{p['build_s']:.2f}/{p['plain_s']:.2f}" for p in pairs) +
-               ("; packed in the driver" if details["row1b"]["in_process"] else "; Ray Data pipeline"))
+               ("; packed in the driver" if details["row1b"]["in_process"] else "; Ray Data pipeline")), row_c]
 
 
 class CommitClock:
@@ -285,7 +311,7 @@ def run_rows_1_2(sizes, assets: dict, work: str, details: dict, profile: bool = 
                 "tokenize and write costs are not hidden (< 1 expected)"
     rows = [Row("1", "teacher pass vs plain fwd+encode loop", plain["tokens_per_s"], pipe["tokens_per_s"],
                 "tok/s", ratio, ">= 1.0 (multi-core)", judge(ratio, ">=", 1.0), note)]
-    rows.append(run_row_1b(sizes, cfg, info, work, details))
+    rows += run_row_1b(sizes, cfg, info, work, details)
     base = passes[counts[0]]
     for r in counts[1:]:
         p = passes[r]
