@@ -2,11 +2,13 @@
 
 Sections (every key optional except ``teacher.model``; see ``configs/default.yaml``):
 
+    task      causal_lm (default) | another name in raydistill.tasks.TASKS (a top-level key)
     run       name, output_dir, seed, compare_hard_labels, resource_wait_s
-    data      path, text_column, seq_len, eval_fraction, max_rows
+    data      path, text_column, text_pair_column, label_column, seq_len, eval_fraction, max_rows
     teacher   model, revision, dtype, replicas, cpus_per_replica, gpus_per_replica, batch_size,
               trust_remote_code, allow_pickle_weights, resources
-    targets   format (sampled|topk), k, samples, capture_temperature, store, shard_rows, keep_versions
+    targets   format (sampled|topk|dense; unset: the task's default), k, samples, capture_temperature,
+              store, shard_rows, keep_versions
     student   model | init_from_teacher, dtype
     train     workers, use_gpu, cpus_per_worker, resources, epochs, max_steps, batch_size, grad_accum,
               lr, weight_decay, warmup_ratio, warmup_steps, grad_clip, loss, jsd_beta, alpha, temperature,
@@ -36,9 +38,10 @@ from typing import Any, Sequence
 import yaml
 
 from raydistill.errors import ConfigError
+from raydistill.tasks import TASK_FORMATS, TASKS
 
 DTYPES = ("float32", "bfloat16", "float16")
-TARGET_FORMATS = ("sampled", "topk")
+TARGET_FORMATS = ("sampled", "topk", "dense")  # dense: every class (sequence_classification)
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 SCHEDULES = ("constant", "linear", "cosine")
 # T / targets.capture_temperature that topk's stored tail grid covers (1 / targets.TAIL_BETAS ends).
@@ -61,6 +64,8 @@ class RunConfig:
 class DataConfig:
     path: str | None = None
     text_column: str = "text"
+    text_pair_column: str | None = None  # sequence_classification: second text of a pair (NLI)
+    label_column: str | None = None      # sequence_classification: labels (names or ids); null: none
     seq_len: int = 128
     eval_fraction: float = 0.05
     max_rows: int | None = None
@@ -146,6 +151,7 @@ class RefreshConfig:
 
 @dataclass(kw_only=True)
 class Config:
+    task: str = "causal_lm"  # raydistill.tasks.TASKS: what the trainer, teacher pass and eval do
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -352,6 +358,7 @@ _RULES: dict[str, tuple[Any, str, str]] = {
     "refresh.max_stall_share": (*_in(0, 1), "use a share of the training time between 0 and 1, e.g. 0.1"),
 }
 _CHOICES = {
+    "task": tuple(TASKS),
     "teacher.dtype": DTYPES, "student.dtype": DTYPES, "targets.format": TARGET_FORMATS,
     "train.loss": LOSSES, "train.temperature_schedule.kind": SCHEDULES,
     "refresh.policy": REFRESH_POLICIES, "refresh.source": REFRESH_SOURCES, "refresh.enforce": REFRESH_ENFORCE,
@@ -365,6 +372,8 @@ def _parse(d: Any, errors: list[str], check_paths: bool) -> Config:
                       f"use sections such as teacher: {{model: gpt2}}")
         raise ConfigError(errors)
     cfg = _build(Config, d, "", errors)
+    if not isinstance(d.get("targets"), Mapping) or "format" not in d["targets"]:
+        cfg.targets.format = TASK_FORMATS.get(cfg.task, TARGET_FORMATS)[0]  # unset: the task's default
     reported = {e.split(":", 1)[0] for e in errors}  # keys already wrong: no follow-on complaints
     errors.extend(p for p in _problems(cfg, check_paths, reported) if p.split(":", 1)[0] not in reported)
     if errors:
@@ -469,6 +478,11 @@ def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) 
     if not isinstance(copy_layers, bool):
         out.append(f"student.init_from_teacher.copy_layers: expected true or false, got {_show(copy_layers)} "
                    f"— e.g. student.init_from_teacher.copy_layers=true")
+    formats = TASK_FORMATS.get(cfg.task, TARGET_FORMATS)
+    if cfg.targets.format in TARGET_FORMATS and cfg.targets.format not in formats:
+        out.append(f"targets.format: {_show(cfg.targets.format)} is not one of {', '.join(formats)}, the formats "
+                   f"of task {cfg.task} (dense keeps every class of a classifier) — use "
+                   f"{' or '.join(f'targets.format={f}' for f in formats)}, or leave it unset")
     if tr.loss in ("reverse_kl", "jsd", "tvd") and cfg.targets.format == "sampled" and not tr.online:
         out.append(f"train.loss: {tr.loss} needs targets.format=topk (sampled targets have no tail bucket "
                    f"for the mass outside the draws) — set targets.format=topk, "

@@ -92,7 +92,7 @@ def test_sparse_formats_refused(cls_models, corpus, tmp_path, fmt):
     with pytest.raises(ConfigError) as e:
         make_cfg(cls_models, corpus, tmp_path, **{"targets.format": fmt})
     msg = str(e.value)
-    assert f"targets.format: {fmt} is not a format of task sequence_classification" in msg
+    assert f"targets.format: '{fmt}' is not one of dense, the formats of task sequence_classification" in msg
     assert "targets.format=dense" in msg
 
 

@@ -58,6 +58,8 @@ def test_id_type_by_vocab_size():
     assert s.field("label_logprob").type == pa.list_(pa.float16())
     with pytest.raises(ValueError, match="targets.format"):
         tg.arrow_schema("bogus", 10)
+    # dense (issue 13: a classifier's every class) has a shard layout of its own
+    assert tg.arrow_schema("dense", 10).names[5:] == ["dense_logprobs", "labels"]
 
 
 def test_topk_parquet_roundtrip_values(tmp_path):
