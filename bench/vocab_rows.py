@@ -220,13 +220,63 @@ def run_row_9(sizes, work: str, details: dict) -> list:
     return rows
 
 
+# ------------------------------------------------------------------------------ what fits where
+
+# (name, params, hidden, layers) of the configs' models; every one has the 128,256-id Llama-3 vocabulary.
+MODELS = {"student": ("Llama-3.2-1B", 1.24e9, 2048, 16), "teacher": ("Llama-3-8B", 8.03e9, 4096, 32)}
+GPUS_GIB = (24, 40, 80, 141)
+
+
+def fit_table(result: dict) -> str:
+    """Max tokens per micro-batch (student) / per teacher batch on one GPU, from row 9's figures.
+
+    Measured (row 9, V = 128,256): the extra peak per token of today's loss (full logits) and of a
+    teacher pass with full logits; the fused / chunked paths' extra peak, which does not grow with
+    tokens (one chunk). Computed, not measured here: model state = 16 B/param for a student
+    (float32 weights + grads + AdamW) and 2 B/param for a bf16 teacher; student activations per
+    token = 34 * hidden * layers bytes (Korthikanti et al. 2022, bf16, no recompute) or
+    2 * hidden * layers (gradient checkpointing: one bf16 layer input kept per layer); 10% headroom.
+    """
+    r9 = result["details"]["row9"]
+    tokens = r9["spec"]["batch"] * (r9["spec"]["seq_len"] - 1)
+    mib = 2 ** 20
+    full_tok = r9["train"]["a_extra_mib"] * mib / tokens      # B/token, full logits, student step
+    fused_fixed = r9["train"]["b_extra_mib"] * mib            # B, one chunk
+    t_full_tok = r9["teacher"]["a_extra_mib"] * mib / tokens  # B/token, teacher pass with full logits
+    t_fixed = r9["teacher"]["b_extra_mib"] * mib
+    name_s, p_s, h_s, l_s = MODELS["student"]
+    name_t, p_t, h_t, l_t = MODELS["teacher"]
+    lines = ["| GPU | student " + name_s + ": full logits | fused loss | fused + gradient checkpointing | "
+             "teacher " + name_t + " bf16: full logits | encode_chunked |", "|---|---|---|---|---|---|"]
+
+    def cap(free, per_tok, fixed=0.0):
+        n = (free - fixed) / per_tok
+        return "does not fit" if n < 1 else f"{int(n):,}"
+
+    for gib in GPUS_GIB:
+        usable = gib * 2 ** 30 * 0.9
+        s_free, t_free = usable - 16 * p_s, usable - 2 * p_t
+        act, act_ckpt = 34 * h_s * l_s, 2 * h_s * l_s
+        t_act = 4 * h_t  # a teacher pass keeps one layer's activations, ~ a few hidden vectors per token
+        lines.append(f"| {gib} GiB | {cap(s_free, full_tok + act)} | {cap(s_free, act, fused_fixed)} | "
+                     f"{cap(s_free, act_ckpt, fused_fixed)} | {cap(t_free, t_full_tok + t_act)} | "
+                     f"{cap(t_free, t_act, t_fixed)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help="internal: run one measurement from a JSON spec")
     ap.add_argument("--sweep", action="store_true", help="fused step time and extra peak over chunk sizes")
+    ap.add_argument("--fit-table", metavar="RESULTS_JSON", help="print the README's what-fits table from a "
+                    "bench JSON holding row 9")
     args = ap.parse_args(argv)
+    if args.fit_table:
+        with open(args.fit_table) as f:
+            print(fit_table(json.load(f)))
+        return 0
     if args.child:
         sys.path[:0] = [ROOT]
         print(json.dumps(child(json.loads(args.child))))

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from raydistill.losses import ce_loss, kd_per_token
 from raydistill.targets import SparseTargets, encode
 
-__all__ = ["CHUNK_LOGITS", "chunk_tokens_for", "fused_distill_loss", "encode_chunked", "model_hidden"]
+__all__ = ["CHUNK_LOGITS", "chunk_tokens_for", "use_fused", "fused_distill_loss", "encode_chunked",
+           "fused_head_problem", "model_hidden"]
 
 # Chunk size when none is given (train.loss_chunk_tokens: null): a chunk holds about CHUNK_LOGITS
 # logits, so its memory is the same at every vocabulary (about 7 float32 copies of it exist during a
@@ -260,6 +261,28 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def fused_head_problem(model) -> str | None:
+    """Why `model` (a HF causal LM, maybe DDP-wrapped) can't give hidden states + head; None if it can."""
+    inner = _unwrap(model)
+    weight = getattr(inner.get_output_embeddings(), "weight", None)
+    if weight is None or weight.dim() != 2:
+        return "has no linear LM head (get_output_embeddings())"
+    for attr in _LOGIT_TRANSFORMS:
+        if getattr(inner.config, attr, None) not in (None, 0, 0.0, 1, 1.0):
+            return f"transforms its logits ({attr}={getattr(inner.config, attr)}): the fused head would differ"
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return "has no logits_to_keep argument in forward: it would compute the full logits anyway"
+    return None
+
+
+def use_fused(fused_loss: bool | None, tokens: int, vocab: int, chunk_tokens: int | None = None) -> bool:
+    """train.fused_loss: true / false as set; null (auto): fused when a micro-batch's `tokens` need more
+    than one chunk of logits — below that the fused path holds the same logits and saves nothing."""
+    if fused_loss is not None:
+        return bool(fused_loss)
+    return tokens > chunk_tokens_for(vocab, chunk_tokens)
+
+
 def model_hidden(model, input_ids: torch.Tensor, **forward_kwargs):
     """(hidden [B, L, H], head weight [V, H], head bias [V] | None) of a HF causal LM, no full logits.
 
@@ -270,25 +293,19 @@ def model_hidden(model, input_ids: torch.Tensor, **forward_kwargs):
     """
     inner = _unwrap(model)
     name = type(inner).__name__
+    problem = fused_head_problem(model)
+    if problem:
+        raise ValueError(f"{name} {problem} — set train.fused_loss=false for this model")
     head = inner.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if weight is None or weight.dim() != 2:
-        raise ValueError(f"{name} has no linear LM head (get_output_embeddings()) — set "
-                         "train.fused_loss=false for this model")
-    for attr in _LOGIT_TRANSFORMS:
-        if getattr(inner.config, attr, None) not in (None, 0, 0.0, 1, 1.0):
-            raise ValueError(f"{name} transforms its logits ({attr}={getattr(inner.config, attr)}): the "
-                             "fused head+loss would differ — set train.fused_loss=false for this model")
-    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
-        raise ValueError(f"{name}.forward has no logits_to_keep argument: it would compute the full "
-                         "logits anyway — set train.fused_loss=false for this model")
+    weight = head.weight
     got = {}
     hook = inner.base_model.register_forward_hook(lambda _m, _a, out: got.__setitem__("h", out[0]))
     try:
         out = model(input_ids=input_ids, logits_to_keep=1, **forward_kwargs)
     finally:
         hook.remove()
-    hidden, bias = got["h"], getattr(head, "bias", None)
+    # A teacher spread over GPUs (device_map="auto") may end its body on another device than its head.
+    hidden, bias = got["h"].to(weight.device), getattr(head, "bias", None)
     if id(inner) not in _CHECKED:
         with torch.no_grad():
             ref = out.logits[:, -1].float()

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from raydistill import targets as tg
-from raydistill.chunked_loss import CHUNK_LOGITS, chunk_tokens_for, encode_chunked, fused_distill_loss, model_hidden
+from raydistill.chunked_loss import (CHUNK_LOGITS, chunk_tokens_for, encode_chunked, fused_distill_loss,
+                                     model_hidden, use_fused)
 from raydistill.losses import LOSSES, distill_loss
 
 B, L, H, V = 3, 9, 16, 97
@@ -154,6 +155,12 @@ def test_auto_chunk_holds_a_fixed_number_of_logits():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="loss_chunk_tokens"):
             chunk_tokens_for(97, bad)
+
+
+def test_auto_fused_only_when_the_logits_exceed_a_chunk():
+    assert use_fused(None, tokens=8 * 2047, vocab=128_256)      # a Llama-3 micro-batch: 130-token chunks
+    assert not use_fused(None, tokens=16 * 127, vocab=2048)     # the demo: one chunk holds every logit
+    assert use_fused(True, tokens=1, vocab=2) and not use_fused(False, tokens=10 ** 6, vocab=128_256)
 
 
 def test_no_grad_gives_values_only():
