@@ -145,7 +145,7 @@ def fake_cluster(tmp_path_factory):
     teacher, corpus = tiny_assets(root)
     with private_ray_env("rdas-") as (env, marker, temp), \
             ray_head(env, marker, temp, str(root), num_cpus=2, autoscaling=FAKE_AUTOSCALER,
-                     attempts=6) as head:  # a loaded machine misses Ray's fixed 30 s raylet start more often
+                     attempts=10) as head:  # a loaded machine misses Ray's fixed 30 s raylet start more often
         yield {"head": head, "env": env, "root": root, "teacher": teacher, "corpus": corpus}
     assert head["leftover"] == [], head["leftover"]
 

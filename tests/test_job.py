@@ -142,12 +142,14 @@ def private_ray_env(prefix: str = "rdtest-"):
 # under load that sometimes isn't enough. A start that failed this way did no work of ours, so the
 # tests start again (a bounded number of times) rather than fail on the machine's load.
 RAY_START_TIMEOUT = "timed out during startup"
+DASHBOARD_START_TIMEOUT = "(it contains the error message from the dashboard)"  # same cause, the dashboard's wait
 RAY_START_ATTEMPTS = 3
 RAY_STARTED = "Ray runtime started."  # what `ray start` prints once its node has registered
 
 
 def ray_start_timed_out(log_path) -> bool:
-    return RAY_START_TIMEOUT in tail(log_path, 10**7)
+    log = tail(log_path, 10**7)
+    return RAY_START_TIMEOUT in log or DASHBOARD_START_TIMEOUT in log
 
 
 def tail(path, n: int = 6000) -> str:
