@@ -224,14 +224,14 @@ def _corpus_problems(cfg, t_conf) -> list[str]:
     fs, files, fmt = resolve_corpus(d)  # checks data.text_column too
     values, problems = [], []
     for path in files:
-        table = _read_columns(fs, path, fmt)
+        names, table = _read_columns(fs, path, fmt, wanted)
         if table.num_rows == 0:
             continue
-        missing = [c for c in wanted if c not in table.column_names]
+        missing = [c for c in wanted if c not in names]
         for c in missing:
             key = "data.text_pair_column" if c == d.text_pair_column else "data.label_column"
             problems.append(f"{key}: column {c!r} is not in {path} (columns: "
-                            f"{', '.join(table.column_names[:10])}) — set {key} to a column of the corpus"
+                            f"{', '.join(names[:10])}) — set {key} to a column of the corpus"
                             + (", or null for unlabelled data" if key == "data.label_column" else ""))
         if d.label_column and d.label_column not in missing:
             values.extend(table.column(d.label_column).to_pylist())
@@ -255,13 +255,21 @@ def _corpus_problems(cfg, t_conf) -> list[str]:
     return problems
 
 
-def _read_columns(fs, path: str, fmt: str) -> pa.Table:
+def _read_columns(fs, path: str, fmt: str, wanted: list[str]) -> tuple[list[str], pa.Table]:
+    """(every column name of the file, the table of those of `wanted` it has): Parquet reads only
+    those columns (a large text column is never loaded here); JSONL has to be parsed whole."""
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
     opener = fs.open if fs is not None else open
     with opener(path, "rb") as f:
-        return pq.read_table(f) if fmt == "parquet" else pajson.read_json(f)
+        if fmt == "parquet":
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            table = pf.read(columns=[c for c in wanted if c in names])
+            return names, table if table.num_columns else pa.table({"_": np.zeros(pf.metadata.num_rows)})
+        table = pajson.read_json(f)
+    return table.column_names, table
 
 
 def _few(values: list, n: int = 5) -> str:
