@@ -66,12 +66,14 @@ class TeacherPool:
             if usable or not block:
                 return usable
             if time.monotonic() > deadline:
+                # Short, the numbers last: Ray Train shows a worker error's head and tail only.
+                have = {k: v for k, v in ray.cluster_resources().items()
+                        if not k.startswith(("node:", "memory", "object_store")) and "_group" not in k}
                 raise PoolPlacementError(
-                    f"refresh pool: none of its {self.size} teacher replica(s) ({self._options} each) was "
-                    f"placed and loaded within {self.place_timeout_s:g} s (cluster {ray.cluster_resources()}, "
-                    f"available {ray.available_resources()}) — lower teacher.cpus_per_replica / "
-                    f"gpus_per_replica / resources or refresh.max_replicas, add nodes, or raise "
-                    f"run.resource_wait_s if an autoscaler is still launching them")
+                    f"refresh pool: no teacher replica was placed within {self.place_timeout_s:g} s — lower "
+                    f"teacher.cpus_per_replica / gpus_per_replica / resources or refresh.max_replicas, add "
+                    f"nodes, or raise run.resource_wait_s; each replica needs {self._options}, the cluster "
+                    f"has {have}")
             time.sleep(0.5)
 
     def score(self, tasks: list[dict]):
