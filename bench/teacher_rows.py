@@ -44,13 +44,29 @@ def _input_batches(store, batch_size: int) -> list[np.ndarray]:
     return out
 
 
+def timed_forward_encode(model, batch: np.ndarray, *, samples: int, vocab_size: int, generator) -> tuple:
+    """(encoded columns, forward s, encode s) of one batch: the teacher pass's work, timed."""
+    import torch
+
+    from raydistill.targets import encode
+
+    x = torch.from_numpy(batch)
+    t = Timer()
+    with torch.inference_mode():
+        logits = model(input_ids=x).logits
+    fwd = t()
+    t = Timer()
+    encoded = encode(logits, x, fmt="sampled", samples=samples, capture_temperature=1.0, vocab_size=vocab_size,
+                     generator=generator)
+    return encoded, fwd, t()
+
+
 def plain_teacher_loop(teacher_dir: str, batches: list[np.ndarray], *, vocab_size: int, threads: int,
                        samples: int = 50) -> dict:
     """The raw limit: forward + encode only, one process, `threads` torch threads."""
     import torch
 
     from raydistill.models import load_causal_lm
-    from raydistill.targets import encode
 
     torch.set_num_threads(threads)
     model = load_causal_lm(teacher_dir)
@@ -60,16 +76,8 @@ def plain_teacher_loop(teacher_dir: str, batches: list[np.ndarray], *, vocab_siz
     fwd = enc = 0.0
     tokens = 0
     for b in batches:
-        x = torch.from_numpy(b)
-        t = Timer()
-        with torch.inference_mode():
-            logits = model(input_ids=x).logits
-        fwd += t()
-        t = Timer()
-        encode(logits, x, fmt="sampled", samples=samples, capture_temperature=1.0, vocab_size=vocab_size,
-               generator=gen)
-        enc += t()
-        tokens += x.numel()
+        _, f, e = timed_forward_encode(model, b, samples=samples, vocab_size=vocab_size, generator=gen)
+        fwd, enc, tokens = fwd + f, enc + e, tokens + b.size
     return {"tokens": tokens, "seconds": fwd + enc, "forward_s": fwd, "encode_s": enc,
             "tokens_per_s": tokens / (fwd + enc), "threads": threads}
 
@@ -82,7 +90,7 @@ def stage_breakdown(cfg, store, info, batches: list[np.ndarray]) -> dict:
     from raydistill.data import DOCS_PER_BATCH, tokenize_and_pack
     from raydistill.models import load_causal_lm
     from raydistill.store import SoftTargetStore
-    from raydistill.targets import build_table, encode
+    from raydistill.targets import build_table
 
     torch.set_num_threads(1)
     texts = pq.read_table(cfg.data.path).column("text").to_pylist()[: cfg.data.max_rows]
@@ -103,17 +111,10 @@ def stage_breakdown(cfg, store, info, batches: list[np.ndarray]) -> dict:
         cols: dict = {}
         ids = np.concatenate(batches[i:i + per_shard])
         for b in batches[i:i + per_shard]:
-            x = torch.from_numpy(b)
-            t = Timer()
-            with torch.inference_mode():
-                logits = model(input_ids=x).logits
-            fwd += t()
-            t = Timer()
-            for k, v in encode(logits, x, fmt="sampled", samples=50, vocab_size=info.vocab_size,
-                               generator=gen).items():
+            encoded, f, e = timed_forward_encode(model, b, samples=50, vocab_size=info.vocab_size, generator=gen)
+            for k, v in encoded.items():
                 cols.setdefault(k, []).extend(v)
-            enc += t()
-            tokens += x.numel()
+            fwd, enc, tokens = fwd + f, enc + e, tokens + b.size
         t = Timer()
         table = build_table(cols, seq_id=np.arange(len(ids)), input_ids=ids, policy_version=-1, fmt="sampled",
                             vocab_size=info.vocab_size)

@@ -34,6 +34,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from .fsutil import atomic_write
+
 EOS = "<|endoftext|>"
 _FORMAT_VERSION = 1  # bump when the corpus/tokenizer/teacher build changes in a way the keys can't see
 
@@ -152,18 +154,9 @@ def demo_corpus(cache_dir: str | None = None, *, max_bytes: int = DEFAULT_CORPUS
     docs = _corpus_docs(root, int(max_bytes))
     if not docs:
         raise RuntimeError(f"no Python sources found under the standard library at {root}")
-    table = pa.table({"text": pa.array(docs, pa.string())})
-    fd, tmp = tempfile.mkstemp(prefix=".corpus-", suffix=".tmp", dir=cache)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1024)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), sink, compression="zstd", row_group_size=1024)
+    atomic_write(path, sink.getvalue().to_pybytes())
     _log(f"corpus: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB of stdlib source "
          f"-> {path} ({time.time() - t0:.1f}s)")
     return path
