@@ -40,7 +40,9 @@ import torch
 
 from . import faults
 from .log import log0
+from .chunked_loss import chunk_tokens_for, fused_distill_loss, use_fused
 from .losses import ce_loss, distill_loss, temperature_at
+from .tasks.base import Task
 from .shard_reader import store_dataset
 from .targets import decode, from_logits
 
@@ -198,8 +200,15 @@ class Trainer:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
         torch.manual_seed(cfg.run.seed)
         self.device = ray.train.torch.get_device()
-        self.amp = self.device.type == "cuda"  # bf16 autocast on GPUs; CPU steps stay float32
-        self.model = ray.train.torch.prepare_model(self.task.build_student(seed=cfg.run.seed))
+        # bf16 autocast on GPUs, and on CPUs with bf16 kernels when student.dtype asks for it;
+        # weights, optimizer and loss stay float32.
+        self.amp = self.device.type == "cuda" or (cfg.student.dtype == "bfloat16" and self.device.type == "cpu"
+                                                  and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        student = self.task.build_student(seed=cfg.run.seed)
+        if t.gradient_checkpointing:
+            student.gradient_checkpointing_enable()  # activations recomputed per layer in backward
+        self.model = ray.train.torch.prepare_model(student)
+        self.fused = None  # decided on the first batch (chunked_loss.use_fused needs its size)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         warmup = warmup_steps_for(t, plan.total_steps)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, plan.total_steps))
@@ -299,6 +308,16 @@ class Trainer:
         t, model = self.cfg.train, self.model
         labels = self.task.labels(inputs)
         with model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext():
+            if self._fused(inputs, labels):
+                # LM head + loss chunk by chunk: the same value and gradients, no [B, P, V] logits.
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    hidden, weight, bias = self.task.hidden_states(model, inputs)
+                    loss, parts = fused_distill_loss(
+                        hidden, weight, targets, labels, bias=bias, alpha=self.plan.alpha if targets is not None
+                        else 0.0, temperature=temperature, loss=t.loss, jsd_beta=t.jsd_beta,
+                        chunk_tokens=t.loss_chunk_tokens)
+                (loss / t.grad_accum).backward()
+                return loss, parts
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = self.task.logits(model, inputs)
             if targets is None:
@@ -309,6 +328,18 @@ class Trainer:
                                            loss=t.loss, jsd_beta=t.jsd_beta)
             (loss / t.grad_accum).backward()
         return loss, parts
+
+    def _fused(self, inputs: dict, labels) -> bool:
+        """Whether this run takes the fused head + loss (train.fused_loss; auto: the logits exceed a chunk)."""
+        if self.fused is None:
+            t = self.cfg.train
+            vocab = unwrap(self.model).config.vocab_size
+            self.fused = (self.task.hidden_states.__func__ is not Task.hidden_states
+                          and use_fused(t.fused_loss, labels.numel(), vocab, t.loss_chunk_tokens))
+            log0(f"[{self.plan.label}] loss: {'fused LM head + loss, chunks of ' if self.fused else 'full logits'}"
+                 f"{chunk_tokens_for(vocab, t.loss_chunk_tokens) if self.fused else ''}"
+                 f"{' tokens' if self.fused else ''}")
+        return self.fused
 
     def optimizer_step(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -376,22 +407,16 @@ def plan_steps(cfg, train_rows: int) -> tuple[int, int]:
 
 
 def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: float | None = None,
-                refresh: RefreshSpec | None = None, scheduler: str | None = None, namespace: str | None = None,
-                policy_dir: str | None = None, policy_every: int = 0):
+                refresh: RefreshSpec | None = None):
     """Run (or resume) one DDP training run; returns (ray.train.Result, total_steps).
 
-    `refresh`: how rank 0 reaches the refresh scheduler (None: no refresh). `scheduler`,
-    `namespace`, `policy_dir`, `policy_every` are the older spelling of the same."""
+    `refresh`: how rank 0 reaches the refresh scheduler (`refresh.fit_kwargs`; None: no refresh)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .cluster import output_dir
     from .tasks import get_task
 
-    if scheduler is not None:
-        from .refresh.client import RefreshSpec
-
-        refresh = RefreshSpec(name=scheduler, namespace=namespace, policy_dir=policy_dir, policy_every=policy_every)
     alpha = cfg.train.alpha if alpha is None else alpha
     shard_ids = store.shard_ids()
     train_rows = sum(s["rows"] for s in store.manifest()["inputs"]["shards"].values())
