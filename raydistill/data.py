@@ -330,8 +330,10 @@ def build_inputs(cfg, store, info) -> dict:
     def flush(rows: np.ndarray) -> None:
         sid = f"{len(shards):05d}"
         table = table_of(rows)
-        shards[sid] = {"input": store.write_file(f"inputs/train/{sid}.parquet", table)["path"],
-                       "rows": table.num_rows}
+        written = store.write_file(f"inputs/train/{sid}.parquet", table)
+        # The checksum goes into the manifest: every reader of the inputs verifies it.
+        shards[sid] = {"input": written["path"], "rows": table.num_rows, "checksum": written["checksum"],
+                       "bytes": written["bytes"]}
 
     buffered, labelled = 0, False
     for batch in batches:
@@ -360,8 +362,8 @@ def build_inputs(cfg, store, info) -> dict:
                            "empty or not UTF-8) — add text or lower data.seq_len"])
     evals = np.concatenate(eval_parts) if eval_parts else np.zeros((0, cfg.data.seq_len + 1), np.int64)
     counts["eval_rows"] = len(evals)
-    eval_path = store.write_file("inputs/eval.parquet", table_of(evals))["path"]
+    eval_written = store.write_file("inputs/eval.parquet", table_of(evals))
     recorded = dict(counts, fingerprint=fingerprint, data_path=cfg.data.path, seq_len=cfg.data.seq_len,
                     shards=len(shards), files=len(files))
-    store.record_inputs(shards, eval_path, recorded)
+    store.record_inputs(shards, eval_written["path"], recorded, eval_checksum=eval_written["checksum"])
     return dict(recorded, skipped=False)

@@ -47,8 +47,6 @@ def evaluate_students(cfg, store, student_dirs: dict, max_rows: int = 512) -> di
 def _evaluate_task(cfg_dict: dict, student_dirs: dict, eval_uri: tuple, max_rows: int) -> dict:
     import os
 
-    import pyarrow.parquet as pq
-
     from .config import Config
     from .store import SoftTargetStore
     from .tasks import get_task
@@ -56,7 +54,7 @@ def _evaluate_task(cfg_dict: dict, student_dirs: dict, eval_uri: tuple, max_rows
     cfg = Config.from_dict(cfg_dict, check_paths=False)
     task, t = get_task(cfg), cfg.teacher
     store = SoftTargetStore(eval_uri[0])
-    table = pq.read_table(store.full_path(eval_uri[1]), filesystem=store.filesystem)
+    table = store.read_input_file(eval_uri[1])  # checksum-verified
     teacher = task.load_model(os.path.expanduser(t.model), dtype=t.dtype, trust_remote_code=t.trust_remote_code,
                               allow_pickle_weights=t.allow_pickle_weights, revision=t.revision)
     # The same student before training: the baseline that shows what distillation moved.

@@ -58,6 +58,7 @@ def run(cfg) -> dict:
                           state=state, total_steps=total, history=history, evaluation=evaluation,
                           students=students, refresh=refresh)
     report["files"] = write_report(out, report)
+    store.release_lease()  # the next job on this store need not wait for the lease to expire
     return report
 
 
@@ -110,7 +111,9 @@ def open_store(cfg, info):
     from .store import SoftTargetStore
     from .teacher import target_params
 
-    return SoftTargetStore.open(cfg.store_uri, tokenizer=info.tokenizer, targets=target_params(cfg.targets))
+    # writer: one job per store; the run's actors commit under this handle's lease (it pickles along).
+    return SoftTargetStore.open(cfg.store_uri, tokenizer=info.tokenizer, targets=target_params(cfg.targets),
+                                writer=cfg.run.name)
 
 
 def score_pending(cfg, store, info, metrics=None) -> dict | None:

@@ -13,13 +13,17 @@ Layout (local path or remote URI such as s3://bucket/run/targets, gs://...)::
     {"format_version": 1,
      "tokenizer": {"name", "vocab_size", "hash"},          # what every shard was tokenized with
      "targets":   {"format", <params>},                    # e.g. {"format": "topk", "k": 20, ...}
-     "inputs":    {"shards": {shard_id: {"input": rel, "rows": n}}, "eval": rel, "info": {...}},
+     "inputs":    {"shards": {shard_id: {"input": rel, "rows": n, "checksum", "bytes"}}, "eval": rel,
+                   "eval_checksum": str, "info": {...}},         # checksums: verified on every read
      "shards":    {shard_id: {"current": int | null,
                               "versions": {"<v>": {rows, bytes, checksum, teacher_rev, format,
                                                    params, produced_at_step, policy_version,
                                                    version, path, created[, invalid]}}}},
      "state":     {...},                                    # free-form, owned by the scheduler
      "created": iso-time, "updated": iso-time}
+
+`manifest.lock` (a manifest update in progress) and `writer.lease` (the job writing the store)
+sit beside it; see "Writers" below.
 
 Paths inside the manifest are relative to the store root, so a store can be copied or moved.
 
@@ -32,19 +36,34 @@ until `commit` replaces the manifest (also temp + rename; a single PUT on object
 PUT is atomic and a rename is a copy). A crash at any point leaves the last committed state
 readable; the debris (temp files, uncommitted versions) is removed by `gc`.
 
-Single-writer assumption: one process commits (mutates the manifest) at a time -- the driver
-before training, the `RefreshScheduler` actor during it. Shard *files* may be written by any
-process (teacher actors) through `write_shard`, which never touches the manifest. Within one
-process, manifest read-modify-writes are serialized by a lock.
+Writers. Every manifest read-modify-write runs under a cross-process mutex: `manifest.lock`,
+created with exclusive create (O_CREAT | O_EXCL) and removed after the update, so two processes
+committing at once each keep their commit (a holder that died mid-update is recognised -- same
+host and a dead pid, or older than MUTEX_STALE_S -- and its lock broken). Object stores offer no
+exclusive create through pyarrow: there the mutex is the in-process lock only, and the lease
+below is what keeps a second job out. Shard *files* may be written by any process (teacher
+actors) through `write_shard`, which never touches the manifest.
+
+One run per store: `acquire_lease(run)` writes `writer.lease` = {run, token, host, pid, job,
+expires} and renews it every LEASE_TTL_S / 3 from a background thread. While a lease is live,
+only handles carrying its token may change the manifest: the run's driver and the copies of its
+handle it ships to its actors (the scheduler actor's refresh commits), because a pickled handle
+keeps the token. A second job is refused, naming the holder and how to take over; a lease is
+taken over once it expired (its holder stopped renewing) or, on the same host, once its pid is gone
+(and by the holding process itself: a run re-run in one process).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import re
+import socket
 import threading
+import time
 import uuid
 
 import pyarrow as pa
@@ -55,6 +74,10 @@ from raydistill.errors import CorruptShardError, StoreError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MUTEX = "manifest.lock"
+LEASE = "writer.lease"
+LEASE_TTL_S = 300.0   # a lease not renewed for this long may be taken over (holder gone)
+MUTEX_STALE_S = 30.0  # a manifest update takes milliseconds: an older lock is a dead holder's
 RECORD_KEYS = ("rows", "checksum", "bytes", "teacher_rev", "format", "params",
                "produced_at_step", "policy_version")
 _SHARD_ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -91,6 +114,39 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _read_json_file(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read() or b"null")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder_gone(holder: dict, stale_s: float | None = None) -> bool:
+    """A lock / lease whose holder can no longer act: expired, too old, or a dead pid on this host."""
+    now = time.time()
+    if "expires" in holder and now > float(holder["expires"]):
+        return True
+    if stale_s is not None and now - float(holder.get("at", now)) > stale_s:
+        return True
+    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+
+
+def _who(lease: dict) -> str:
+    return (f"run {lease.get('run')!r} (job {lease.get('job') or '-'}, host {lease.get('host')}, "
+            f"pid {lease.get('pid')})")
+
+
 def target_params(targets: dict) -> tuple[str, dict]:
     """Split a targets dict {"format", **params} into (format, params) as stored in records."""
     return targets["format"], {k: v for k, v in targets.items() if k != "format"}
@@ -103,9 +159,10 @@ def _describe(d: dict) -> str:
 class SoftTargetStore:
     """A handle on one store; cheap to create, holds no cached state (the manifest is re-read)."""
 
-    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None):
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None, lease_token: str | None = None):
         uri = str(uri)
         self._explicit_fs = filesystem
+        self.lease_token = lease_token  # the writer lease this handle commits under (acquire_lease)
         if filesystem is not None:
             # The uri is a path inside the given filesystem; a scheme, if any, is dropped.
             self.uri = uri
@@ -126,8 +183,9 @@ class SoftTargetStore:
             self._lock = _LOCKS.setdefault(key, threading.Lock())
 
     def __reduce__(self):
-        # Ships to Ray tasks/actors; a filesystem derived from the uri is re-derived there.
-        return (type(self), (self.uri, self._explicit_fs))
+        # Ships to Ray tasks/actors; a filesystem derived from the uri is re-derived there. The
+        # lease token travels too: the run's actors commit under the run's lease.
+        return (type(self), (self.uri, self._explicit_fs, self.lease_token))
 
     def __repr__(self):
         return f"SoftTargetStore({self.uri!r})"
@@ -135,9 +193,12 @@ class SoftTargetStore:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, uri, *, tokenizer: dict, targets: dict, create: bool = True,
-             filesystem: pafs.FileSystem | None = None) -> "SoftTargetStore":
-        """Open (or create) a store for a run; refuse one built for another tokenizer or format."""
+             filesystem: pafs.FileSystem | None = None, writer: str | None = None) -> "SoftTargetStore":
+        """Open (or create) a store for a run; refuse one built for another tokenizer or format.
+        `writer` (the run name): take the store's writer lease first, refused while another job holds it."""
         store = cls(uri, filesystem=filesystem)
+        if writer is not None:
+            store.acquire_lease(writer)
         m = store._read_manifest(missing_ok=True)
         if m is None:
             if not create:
@@ -161,9 +222,12 @@ class SoftTargetStore:
                 f"soft-target store {store.uri} holds targets for tokenizer {_describe(have_tok)}, "
                 f"but this run asks for tokenizer {_describe(tokenizer)} — {fix}")
         if m["targets"] != targets:
+            old = m["targets"].get("schema") != targets.get("schema")
             raise StoreError(
                 f"soft-target store {store.uri} holds targets {_describe(m['targets'])}, "
-                f"but this run asks for targets {_describe(targets)} — {fix}")
+                f"but this run asks for targets {_describe(targets)}"
+                + (" (its shards were written with another shard schema, by another raydistill version)"
+                   if old else "") + f" — {fix}")
         return store
 
     # ------------------------------------------------------------------ paths and files
@@ -194,7 +258,7 @@ class SoftTargetStore:
         else:
             with self.filesystem.open_output_stream(tmp) as out:
                 out.write(data)
-        _fault("after_temp_write" if kind == "file" else "after_manifest_temp")
+        _fault({"file": "after_temp_write", "manifest": "after_manifest_temp"}.get(kind, ""))
         self.filesystem.move(tmp, path)
         if self._local:
             _fsync_dir(parent)
@@ -249,21 +313,131 @@ class SoftTargetStore:
         _fault("after_manifest")
 
     def _update(self, fn):
-        """Read-modify-write of the manifest under the process lock; returns fn's result."""
-        with self._lock:
+        """Read-modify-write of the manifest under the process lock and the cross-process mutex,
+        by the lease holder only (when a lease is live); returns fn's result."""
+        with self._lock, self._mutex():
+            self._check_lease()
             m = self._read_manifest()
             out = fn(m)
             m["updated"] = _now()
             self._write_manifest(m)
             return out
 
+    # ------------------------------------------------------------------ writers: mutex and lease
+    @contextlib.contextmanager
+    def _mutex(self, timeout_s: float = 120.0):
+        """Exclusive-create lock file around one manifest update (local filesystems)."""
+        if not self._local:
+            yield
+            return
+        path = self.full_path(MUTEX)
+        self._ensure_dir(path)
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}).encode()
+        deadline, wait = time.monotonic() + timeout_s, 0.002
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = _read_json_file(path)
+                if holder is not None and _holder_gone(holder, MUTEX_STALE_S):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)  # a dead holder's lock: its update never completed
+                    continue
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{path} has been held for over {timeout_s:.0f} s by {holder} — if that "
+                                     f"process is gone, delete {path}") from None
+                time.sleep(wait)
+                wait = min(wait * 2, 0.05)
+        try:
+            os.write(fd, me)
+            os.close(fd)
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _read_lease(self) -> dict | None:
+        try:
+            with self.filesystem.open_input_file(self.full_path(LEASE)) as f:
+                return json.loads(bytes(f.read_buffer()))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a torn lease file (object store PUT in flight): treated as none
+
+    def _check_lease(self) -> None:
+        lease = self._read_lease()
+        if self._open_to_us(lease):
+            return
+        raise StoreError(f"soft-target store {self.uri} is being written by another job: {_who(lease)} — "
+                         f"wait for it to finish, use another targets.store, or, if that job is gone, take "
+                         f"over once its lease expires ({lease.get('expires_at')}) or delete "
+                         f"{self.full_path(LEASE)}")
+
+    def _open_to_us(self, lease: dict | None, token: str | None = None) -> bool:
+        """No lease, ours, gone, or held by this very process (a process is not its own rival: its
+        threads are serialised by the in-process lock, and a run re-run in-process takes over)."""
+        token = token or self.lease_token
+        return (lease is None or lease.get("token") == token or _holder_gone(lease)
+                or (lease.get("host") == socket.gethostname() and lease.get("pid") == os.getpid()))
+
+    def acquire_lease(self, run: str, *, ttl_s: float = LEASE_TTL_S, renew: bool = True) -> str:
+        """Make this handle the store's one writer for `run`; returns the lease token. Refuses
+        (StoreError naming the holder and how to take over) while another job's lease is live."""
+        token = self.lease_token or uuid.uuid4().hex
+        with self._lock, self._mutex():
+            lease = self._read_lease()
+            if not self._open_to_us(lease, token):
+                raise StoreError(
+                    f"soft-target store {self.uri} is in use by another job: {_who(lease)} — wait for it to "
+                    f"finish, use another targets.store, or, if that job is gone, take over once its lease "
+                    f"expires ({lease.get('expires_at')}) or delete {self.full_path(LEASE)}")
+            self.lease_token = token
+            self._write_lease(run, ttl_s)
+        if renew:
+            threading.Thread(target=self._renew_loop, args=(run, ttl_s), daemon=True,
+                             name=f"lease-{run}").start()
+            atexit.register(self.release_lease)
+        return token
+
+    def _write_lease(self, run: str, ttl_s: float) -> None:
+        now = time.time()
+        lease = {"run": run, "token": self.lease_token, "host": socket.gethostname(), "pid": os.getpid(),
+                 "job": os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"),
+                 "acquired": now, "expires": now + ttl_s,
+                 "expires_at": _dt.datetime.fromtimestamp(now + ttl_s, _dt.timezone.utc).isoformat(timespec="seconds")}
+        self._put_atomic(self.full_path(LEASE), json.dumps(lease).encode(),
+                         temp=self.filesystem.type_name not in _OBJECT_STORES, kind="lease")
+
+    def _renew_loop(self, run: str, ttl_s: float) -> None:
+        while self.lease_token is not None:
+            time.sleep(ttl_s / 3)
+            with self._lock, self._mutex():
+                lease = self._read_lease()
+                if self.lease_token is None or (lease or {}).get("token") != self.lease_token:
+                    return  # released, or taken over after we stalled past the expiry
+                self._write_lease(run, ttl_s)
+
+    def release_lease(self) -> None:
+        """Give the store up (the end of a run); a no-op if this handle holds no lease."""
+        token, self.lease_token = self.lease_token, None
+        if token is None:
+            return
+        with self._lock, self._mutex():
+            if (self._read_lease() or {}).get("token") == token:
+                with contextlib.suppress(FileNotFoundError):
+                    self.filesystem.delete_file(self.full_path(LEASE))
+
     def manifest(self) -> dict:
         """A fresh read of manifest.json (sees commits made by other processes)."""
         return self._read_manifest()
 
     # ------------------------------------------------------------------ inputs
-    def record_inputs(self, shards: dict[str, dict], eval_path: str | None, info: dict) -> None:
-        """Register the input shards ({id: {"input": rel, "rows": n, ...}}), eval file and info."""
+    def record_inputs(self, shards: dict[str, dict], eval_path: str | None, info: dict,
+                      eval_checksum: str | None = None) -> None:
+        """Register the input shards ({id: {"input": rel, "rows": n, "checksum": ...}}), the eval
+        file (and its checksum) and info. Checksums are what `read_input_file` verifies."""
         for sid, rec in shards.items():
             if not _SHARD_ID.match(str(sid)):
                 raise StoreError(f"invalid shard id {sid!r}: use letters, digits, '.', '_' or '-'")
@@ -271,7 +445,7 @@ class SoftTargetStore:
 
         def fn(m):
             m["inputs"] = {"shards": {k: dict(v) for k, v in shards.items()},
-                           "eval": eval_path, "info": dict(info)}
+                           "eval": eval_path, "eval_checksum": eval_checksum, "info": dict(info)}
         self._update(fn)
 
     def has_inputs(self) -> bool:
@@ -296,7 +470,31 @@ class SoftTargetStore:
         return self.full_path(rel)
 
     def read_input(self, shard_id: str) -> pa.Table:
-        return pq.read_table(self.input_path(shard_id), filesystem=self.filesystem)
+        """A shard's input rows, checked against the checksum and row count the manifest records."""
+        shards = self.manifest()["inputs"].get("shards") or {}
+        if shard_id not in shards:
+            raise StoreError(f"store {self.uri} has no inputs for shard {shard_id!r} — "
+                             "run the data phase (record_inputs) first")
+        return self.read_input_file(shards[shard_id]["input"])
+
+    def read_input_file(self, rel: str) -> pa.Table:
+        """An inputs file (a train shard's or the eval file) by its store-relative path, verified
+        against the manifest's checksum; a damaged one raises CorruptShardError naming it. Files the
+        manifest has no checksum for (generated on-policy inputs, stores built before checksums
+        were recorded) are read as they are."""
+        inputs = self.manifest()["inputs"]
+        recs = [dict(r, shard=sid) for sid, r in (inputs.get("shards") or {}).items() if r.get("input") == rel]
+        if rel == inputs.get("eval") and inputs.get("eval_checksum"):
+            recs.append({"shard": "eval", "input": rel, "checksum": inputs["eval_checksum"],
+                         "rows": inputs.get("info", {}).get("eval_rows")})
+        rec = recs[0] if recs and recs[0].get("checksum") else None
+        if rec is None:
+            return pq.read_table(self.full_path(rel), filesystem=self.filesystem)
+        return self._load(rec["shard"], {"path": rel, "checksum": rec["checksum"], "rows": rec.get("rows"),
+                                         "bytes": rec.get("bytes")},
+                          verify=True, parse=True, what=f"input shard {rec['shard']}",
+                          fix=f"the inputs are damaged: restore the file, or delete {self.uri} so that the data "
+                              "phase rebuilds them from the corpus")
 
     # ------------------------------------------------------------------ versions
     @staticmethod
@@ -352,21 +550,22 @@ class SoftTargetStore:
         self._update(fn)
 
     # ------------------------------------------------------------------ reading and checking
-    def _load(self, shard_id: str, rec: dict, *, verify: bool, parse: bool) -> pa.Table | None:
+    def _load(self, shard_id: str, rec: dict, *, verify: bool, parse: bool, what: str | None = None,
+              fix: str = "invalidate it (store.invalidate) so the next teacher pass rewrites it") -> pa.Table | None:
+        """The file of `rec` (path, checksum, rows[, bytes, version]) read once, checked, parsed."""
         path = self.full_path(rec["path"])
+        what = what or f"shard {shard_id} v{rec.get('version')}"
 
-        def corrupt(what, expected, found):
-            e = CorruptShardError(
-                f"shard {shard_id} v{rec['version']} at {path}: {what} (expected {expected}, "
-                f"found {found}) — invalidate it (store.invalidate) so the next teacher pass rewrites it")
-            e.shard_id, e.version, e.path = shard_id, rec["version"], path
+        def corrupt(problem, expected, found):
+            e = CorruptShardError(f"{what} at {path}: {problem} (expected {expected}, found {found}) — {fix}")
+            e.shard_id, e.version, e.path = shard_id, rec.get("version"), path
             return e
 
         try:
             with self.filesystem.open_input_file(path) as f:
                 data = f.read_buffer()  # read once: the checksum and the parse see the same bytes
         except FileNotFoundError:
-            raise corrupt("file missing", f"{rec['bytes']} bytes", "no file") from None
+            raise corrupt("file missing", f"{rec.get('bytes', '?')} bytes", "no file") from None
         if verify and _sha256(data) != rec["checksum"]:
             raise corrupt("checksum mismatch", rec["checksum"], _sha256(data))
         try:
@@ -377,7 +576,7 @@ class SoftTargetStore:
                 table, rows = None, pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
         except (pa.ArrowException, OSError) as e:
             raise corrupt("unparsable Parquet", "a Parquet file", str(e).splitlines()[0]) from None
-        if verify and rows != rec["rows"]:
+        if verify and rec.get("rows") is not None and rows != rec["rows"]:
             raise corrupt("row count mismatch", f"{rec['rows']} rows", f"{rows} rows")
         return table
 

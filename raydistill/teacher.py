@@ -16,7 +16,6 @@ from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from . import faults
@@ -92,7 +91,7 @@ class TeacherReplica:
         start = time.perf_counter()
         self.scored += 1
         faults.at_teacher_shard(self.fault, "before_write", self.scored)
-        table = pq.read_table(self.store.full_path(inputs), filesystem=self.store.filesystem)
+        table = self.store.read_input_file(inputs)  # checksum-verified: damaged inputs are never scored
         generator = torch.Generator(device=self.device).manual_seed(seed)
         columns = defaultdict(list)
         for lo in range(0, table.num_rows, self.batch_size):
