@@ -87,6 +87,11 @@ class Task:
         """[B, P] hard labels, -100 where no loss."""
         raise NotImplementedError
 
+    def hidden_states(self, model, inputs: dict[str, torch.Tensor]):
+        """(final hidden states [B, P, H] at the target positions, head weight [V, H], bias [V] | None)
+        for the fused head + loss (`raydistill.chunked_loss`); None: this task's logits are small."""
+        return None
+
     def encode_targets(self, model, inputs: dict[str, torch.Tensor], *, params: dict, vocab_size: int,
                        generator) -> dict[str, list[np.ndarray]]:
         """Teacher pass: the soft-target columns of a batch ({column: one array per row}, as

@@ -57,14 +57,25 @@ class CausalLM(Task):
     def labels(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return inputs["input_ids"][:, 1:]
 
+    def hidden_states(self, model, inputs: dict[str, torch.Tensor]):
+        from ..chunked_loss import model_hidden
+
+        hidden, weight, bias = model_hidden(model, inputs["input_ids"])
+        return hidden[:, :-1], weight, bias
+
     def encode_targets(self, model, inputs, *, params: dict, vocab_size: int, generator) -> dict:
+        from ..chunked_loss import encode_chunked, fused_head_problem, model_hidden
         from ..targets import encode
 
         ids = inputs["input_ids"]
-        # encode takes whole-sequence logits and drops the last position itself.
-        return encode(model(input_ids=ids).logits, ids, fmt=params["format"], k=params.get("k", 1),
-                      samples=params.get("samples", 1), capture_temperature=params["capture_temperature"],
-                      vocab_size=vocab_size, generator=generator)
+        kw = dict(fmt=params["format"], k=params.get("k", 1), samples=params.get("samples", 1),
+                  capture_temperature=params["capture_temperature"], vocab_size=vocab_size, generator=generator)
+        if fused_head_problem(model):  # e.g. soft-capped logits: only the model's own logits are right
+            return encode(model(input_ids=ids).logits, ids, **kw)
+        # Logits position-chunk by position-chunk from the final hidden states: a pass never holds
+        # [B, L, V] logits (same targets as encode on them; chunked_loss.encode_chunked).
+        hidden, weight, bias = model_hidden(model, ids)
+        return encode_chunked(hidden, weight, ids, bias=bias, **kw)
 
     # ---- evaluation
     def evaluate(self, student, teacher, eval_table: pa.Table, *, batch_size: int, max_rows: int) -> dict:
