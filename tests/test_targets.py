@@ -295,3 +295,18 @@ def test_sparse_targets_to_and_select():
     mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
     sel = t.select(mask)
     assert sel.ids.shape == (3, 3) and sel.tail_logmass.shape == (3,)
+
+
+def test_build_table_refuses_ids_outside_the_vocabulary():
+    """An id >= vocab_size (or < 0) is refused, naming the column and the fix — a uint16 cast
+    would otherwise wrap 65,536 to 0 silently (issue 12, item 8)."""
+    logits, input_ids = _logits(2, 5, 40, seed=9)
+    enc = tg.encode(logits, input_ids, fmt="topk", k=3, vocab_size=40)
+    for bad in (65536, 40, -1):
+        ids = input_ids.clone()
+        ids[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"input_ids holds token id {bad}, outside the vocabulary \[0, 40\)"):
+            tg.build_table(enc, seq_id=[0, 1], input_ids=ids, policy_version=-1, fmt="topk", vocab_size=40)
+    enc["topk_ids"][0] = enc["topk_ids"][0].astype(np.int64) + 40
+    with pytest.raises(ValueError, match="topk_ids holds token id .* teacher.model"):
+        tg.build_table(enc, seq_id=[0, 1], input_ids=input_ids, policy_version=-1, fmt="topk", vocab_size=40)
