@@ -17,7 +17,7 @@ PROM_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
 def test_metric_names_are_valid_prometheus_names():
-    assert len(METRICS) == 9
+    assert len(METRICS) == 10   # 9 + raydistill_refresh_stall_seconds
     for name, (kind, tag_keys, desc) in METRICS.items():
         assert name.startswith("raydistill_") and PROM_NAME.match(name) and ":" not in name
         assert kind in ("counter", "gauge") and tag_keys[0] == "run" and desc
