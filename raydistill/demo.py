@@ -315,6 +315,7 @@ def demo_teacher(cache_dir: str | None = None, *, recipe: DemoRecipe = RECIPE,
                 "tokenizer": tok_hash})
     out = os.path.join(cache, f"teacher-{key}")
     if _is_model_dir(out):
+        _warn_if_cut_short(out)
         return out
 
     t0 = time.time()
@@ -391,6 +392,20 @@ def demo_teacher(cache_dir: str | None = None, *, recipe: DemoRecipe = RECIPE,
         shutil.rmtree(tmp, ignore_errors=True)
     _log(f"teacher: saved {out} ({time.time() - t0:.0f}s in all)")
     return out
+
+
+def _warn_if_cut_short(out: str) -> None:
+    """A teacher trained on a busy machine may have stopped at its time budget, far short of its
+    steps (seen: 26 of 256 at load 15), and the cache keeps it: say so on every reuse."""
+    try:
+        with open(os.path.join(out, "raydistill_demo.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return
+    if meta.get("steps", 0) < meta.get("planned_steps", 0):
+        _log(f"WARNING teacher: the cached teacher {out} stopped at its time budget after {meta['steps']} of "
+             f"{meta['planned_steps']} steps (held-out cross-entropy {meta.get('held_out_ce', float('nan')):.3f}); "
+             "delete that directory and re-run on a quieter machine for the README's figures")
 
 
 # ------------------------------------------------------------------------------ the embedded config
