@@ -167,9 +167,8 @@ def _ray_data_build(sizes, cfg, info, work: str) -> float:
         t = Timer()
         data.build_inputs(c, open_store(c, info), info)
         return t()
-    finally:
+    finally:  # the stores stay in the run's scratch dir (run.py clears it): an open store holds a lease
         data.IN_PROCESS_MAX_BYTES, data.IN_PROCESS_MAX_ROWS = saved
-        shutil.rmtree(os.path.join(work, "row1c"), ignore_errors=True)
 
 
 def run_row_1b(sizes, cfg, info, work: str, details: dict) -> list[Row]:
@@ -189,7 +188,6 @@ def run_row_1b(sizes, cfg, info, work: str, details: dict) -> list[Row]:
         plain_s = plain_input_build(c, info, os.path.join(work, f"row1b-{i}", "plain"))
         pairs.append({"build_s": build_s, "plain_s": plain_s, "ratio": plain_s / build_s,
                       "train_rows": res["train_rows"], "shards": res["shards"]})
-        shutil.rmtree(os.path.join(work, f"row1b-{i}"), ignore_errors=True)
     ray_data_s = _ray_data_build(sizes, cfg, info, work)
     driver_s = pairs[-1]["build_s"]  # the A of the A B pair: the build just before it
     details["row1b"] = {"pairs": pairs, "in_process": data.in_process(*data.resolve_corpus(cfg.data), cfg.data),
