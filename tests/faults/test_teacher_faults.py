@@ -23,6 +23,7 @@ import pytest
 from raydistill.data import build_inputs
 from raydistill.models import preflight
 from raydistill.pipeline import open_store, score_pending
+from raydistill.teacher import target_params
 
 from test_teacher_pass import make_cfg
 
@@ -77,8 +78,7 @@ def assert_exact(store, info, cfg, inputs, expected):
         names = [n for n in os.listdir(os.path.join(store.uri, "shards", sid)) if not n.startswith(".tmp-")]
         assert names == ["v1.parquet"], (sid, names)
     # resumable: nothing left to score
-    assert store.pending(info.teacher_rev, {"format": "sampled", "samples": cfg.targets.samples,
-                                            "capture_temperature": cfg.targets.capture_temperature}) == []
+    assert store.pending(info.teacher_rev, target_params(cfg.targets)) == []
     assert score_pending(cfg, store, info) is None
 
 
