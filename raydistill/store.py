@@ -197,8 +197,6 @@ class SoftTargetStore:
         """Open (or create) a store for a run; refuse one built for another tokenizer or format.
         `writer` (the run name): take the store's writer lease first, refused while another job holds it."""
         store = cls(uri, filesystem=filesystem)
-        if writer is not None:
-            store.acquire_lease(writer)
         m = store._read_manifest(missing_ok=True)
         if m is None:
             if not create:
@@ -210,7 +208,7 @@ class SoftTargetStore:
                 "targets": dict(targets),
                 "inputs": {"shards": {}, "eval": None, "info": {}},
                 "shards": {}, "state": {}, "created": now, "updated": now})
-            return store
+            return store._leased(writer)
         # JSON round trip so tuples/ints compare like what is stored.
         tokenizer = json.loads(json.dumps(tokenizer))
         targets = json.loads(json.dumps(targets))
@@ -228,7 +226,12 @@ class SoftTargetStore:
                 f"but this run asks for targets {_describe(targets)}"
                 + (" (its shards were written with another shard schema, by another raydistill version)"
                    if old else "") + f" — {fix}")
-        return store
+        return store._leased(writer)
+
+    def _leased(self, writer: str | None) -> "SoftTargetStore":
+        if writer is not None:
+            self.acquire_lease(writer)
+        return self
 
     # ------------------------------------------------------------------ paths and files
     def full_path(self, rel: str) -> str:
