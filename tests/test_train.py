@@ -88,16 +88,59 @@ def test_worker_killed_resumes_from_checkpoint(ray_session, tmp_path, tiny_dir, 
     assert 6 - state["resumed_from"] <= cfg.train.checkpoint_every
 
 
-def test_resume_with_other_settings_names_them(ray_session, tmp_path, tiny_dir, tiny_corpus):
-    """A re-run of the same run name resumes from its checkpoint; the settings that change the
-    result (here the seed and the total steps) are named in the log and recorded in state.json."""
+def plain_loop_losses(cfg, store, order: np.ndarray, total: int) -> list[float]:
+    """The losses of a plain torch loop over the store's rows in `order` (batches of train.batch_size):
+    the same student init, AdamW + warmup/cosine LR, clipping and `distill_loss` as the trainer."""
+    import pyarrow as pa
+
+    from raydistill.config import warmup_steps_for
+    from raydistill.losses import distill_loss
+    from raydistill.targets import decode
+    from raydistill.train import lr_lambda
+
+    t = cfg.train
+    table = pa.concat_tables([store.read_shard(s) for s in store.shard_ids()])
+    row_of = {int(s): i for i, s in enumerate(table["seq_id"].to_numpy())}
+    torch.manual_seed(cfg.run.seed)
+    model = build_student(cfg.student, cfg.teacher.model, seed=cfg.run.seed).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps_for(t, total), total))
+    losses = []
+    for lo in range(0, len(order), t.batch_size):
+        input_ids, targets = decode(table.take([row_of[int(s)] for s in order[lo:lo + t.batch_size]]),
+                                    cfg.targets.format)
+        loss, _ = distill_loss(model(input_ids=input_ids).logits[:, :-1], targets, input_ids[:, 1:],
+                               alpha=t.alpha, temperature=t.temperature, loss=t.loss, jsd_beta=t.jsd_beta)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses
+
+
+def test_trainer_matches_a_plain_loop_and_resume_names_changed_settings(ray_session, tmp_path, tiny_dir,
+                                                                        tiny_corpus, monkeypatch):
+    """The staged trainer's losses equal a plain torch loop's over the same rows in the same order
+    (from the seq_id audit). Then a re-run of the same run name resumes from its checkpoint; the
+    settings that change the result (here the seed and the total steps) are named in the log and
+    recorded in state.json."""
     cfg = train_cfg(tmp_path, tiny_dir, tiny_corpus, train__workers=1, train__epochs=1, train__max_steps=2,
                     train__checkpoint_every=2)
     info, store = prepared_store(cfg)
+    audit = tmp_path / "audit"
+    monkeypatch.setenv("RAYDISTILL_AUDIT_DIR", str(audit))
     first, total = fit_student(cfg, store, info.vocab_size)
+    monkeypatch.delenv("RAYDISTILL_AUDIT_DIR")
     assert first.error is None and total == 2
     state = read_final_state(first)
     assert state["step"] == 2 and state["resumed_from"] is None and state["config_changes"] == {}
+    order = np.concatenate([np.load(f) for f in sorted(glob.glob(str(audit / "student-rank0-epoch0-*.npy")))])
+    assert len(order) == 2 * 16
+    want = plain_loop_losses(cfg, store, order, total)
+    got = [h["loss"] for h in state["history"]]
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-5), (got, want)
     assert state["result_keys"] == {"run.seed": 0, "train.loss": "forward_kl", "train.alpha": 0.5,
                                     "total_steps": 2, "targets.format": "sampled", "task": "causal_lm"}
 
@@ -110,3 +153,4 @@ def test_resume_with_other_settings_names_them(ray_session, tmp_path, tiny_dir, 
     assert state["resumed_from"] == 2 and state["step"] == 4
     assert state["config_changes"] == {"run.seed": [0, 1], "total_steps": [2, 4]}
     assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
+
