@@ -81,3 +81,21 @@ def test_online_mode_still_needs_a_teacher_slot(ray_session, tmp_path, tiny_dir)
     teacher replica: an unplaceable teacher is refused up front, not at the end of training."""
     with pytest.raises(RaydistillError, match=r"teacher replica .*GPU=1"):
         check_resources(cfg(tmp_path, tiny_dir, "train.online=true", "teacher.gpus_per_replica=1"), timeout_s=0)
+
+
+def test_ray_data_outwaits_a_node_launch(ray_session, tmp_path, tiny_dir):
+    """A pass that lost a node waits for the autoscaler's replacement: init_ray raises Ray Data's
+    no-progress timeout (default 1800 s) above run.resource_wait_s, so Ray Data does not give up first."""
+    from ray.data import DataContext
+
+    from raydistill.cluster import init_ray
+
+    ctx = DataContext.get_current()
+    before = ctx.execution_no_progress_timeout_s
+    try:
+        init_ray(cfg(tmp_path, tiny_dir, "run.resource_wait_s=3600"))  # already connected: only the context
+        assert ctx.execution_no_progress_timeout_s == 3900
+        init_ray(cfg(tmp_path, tiny_dir, "run.resource_wait_s=60"))    # never lowered below what it was
+        assert ctx.execution_no_progress_timeout_s == 3900
+    finally:
+        ctx.execution_no_progress_timeout_s = before
