@@ -416,21 +416,23 @@ class SoftTargetStore:
     def _renew_loop(self, run: str, ttl_s: float) -> None:
         while self.lease_token is not None:
             time.sleep(ttl_s / 3)
-            with self._lock, self._mutex():
-                lease = self._read_lease()
-                if self.lease_token is None or (lease or {}).get("token") != self.lease_token:
-                    return  # released, or taken over after we stalled past the expiry
-                self._write_lease(run, ttl_s)
+            try:
+                with self._lock, self._mutex():
+                    lease = self._read_lease()
+                    if self.lease_token is None or (lease or {}).get("token") != self.lease_token:
+                        return  # released, or taken over after we stalled past the expiry
+                    self._write_lease(run, ttl_s)
+            except OSError:
+                return  # the store is gone (deleted under us): nothing left to hold
 
     def release_lease(self) -> None:
         """Give the store up (the end of a run); a no-op if this handle holds no lease."""
         token, self.lease_token = self.lease_token, None
         if token is None:
             return
-        with self._lock, self._mutex():
+        with contextlib.suppress(OSError), self._lock, self._mutex():  # OSError: the store is gone
             if (self._read_lease() or {}).get("token") == token:
-                with contextlib.suppress(FileNotFoundError):
-                    self.filesystem.delete_file(self.full_path(LEASE))
+                self.filesystem.delete_file(self.full_path(LEASE))
 
     def manifest(self) -> dict:
         """A fresh read of manifest.json (sees commits made by other processes)."""
