@@ -12,7 +12,8 @@ Sections (every key optional except ``teacher.model``; see ``configs/default.yam
     student   model | init_from_teacher, dtype
     train     workers, use_gpu, cpus_per_worker, resources, epochs, max_steps, batch_size, grad_accum,
               lr, weight_decay, warmup_ratio, warmup_steps, grad_clip, loss, jsd_beta, alpha, temperature,
-              temperature_schedule {kind, start, end}, checkpoint_every, max_failures, online, log_every
+              temperature_schedule {kind, start, end}, checkpoint_every, max_failures, online, log_every,
+              fused_loss, loss_chunk_tokens, gradient_checkpointing
     refresh   policy (none|round_robin|random), fraction, every_steps, source, max_replicas, seed,
               max_age, enforce (wait|warn), max_stall_share
 
@@ -134,6 +135,11 @@ class TrainConfig:
     max_failures: int = 2
     online: bool = False  # the teacher runs inside the step: the baseline mode
     log_every: int = 10
+    # LM head + loss chunk by chunk (raydistill.chunked_loss), no [tokens, V] logits; None: on when a
+    # micro-batch's logits exceed one chunk (bench row 9: 0.3x the step's peak at V=128k, no slower).
+    fused_loss: bool | None = None
+    loss_chunk_tokens: int | None = None  # tokens per chunk; None: about 2^24 logits per chunk
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (long sequences)
 
 
 @dataclass(kw_only=True)
@@ -351,6 +357,7 @@ _RULES: dict[str, tuple[Any, str, str]] = {
     "train.checkpoint_every": (*_ge(1), "checkpoint every N >= 1 steps"),
     "train.max_failures": (*_ge(-1), "use -1 to retry forever, 0 never, N for N retries"),
     "train.log_every": (*_ge(1), "log every N >= 1 steps"),
+    "train.loss_chunk_tokens": (*_ge(1), "use a positive token count, or null for about 2^24 logits per chunk"),
     "refresh.fraction": (*_in(0, 1), "use a fraction between 0 and 1"),
     "refresh.every_steps": (*_ge(1), "refresh every N >= 1 student steps"),
     "refresh.max_replicas": (*_ge(1), "allow at least one refresh teacher replica"),
