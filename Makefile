@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/python jobs/distill.py
 
 test: setup
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=40 tests
 
 bench-quick: setup
 	$(BIN)/python bench/run.py --quick
