@@ -37,29 +37,32 @@ def run(cfg) -> dict:
     os.makedirs(out, exist_ok=True)
     clock.lap("ray_start")
     store = open_store(cfg, info)
-    inputs = build_inputs(cfg, store, info)
-    clock.lap("inputs")
-    first = None if cfg.train.online else score_pending(cfg, store, info, metrics)
-    passes = [first] if first else []
-    clock.lap("teacher_pass")
-    state, total, refresh, result = train_student(cfg, store, info)
-    students = {"student": export_student(result, cfg, out, "student")}
-    history = {"student": state["history"]}
-    clock.lap("train")
-    if cfg.run.compare_hard_labels:
-        base, base_result = train_hard_label(cfg, store, info)
-        history["hard_label"] = base["history"]
-        students["hard_label_student"] = export_student(base_result, cfg, out, "hard_label_student")
-        clock.lap("train_hard_label")
-    wait_for_nodes(cfg, "eval")
-    evaluation = evaluate_students(cfg, store, students)
-    clock.lap("eval")
-    report = build_report(cfg, store, out_dir=out, phases=clock.phases, inputs=inputs, passes=passes,
-                          state=state, total_steps=total, history=history, evaluation=evaluation,
-                          students=students, refresh=refresh)
-    report["files"] = write_report(out, report)
-    store.release_lease()  # the next job on this store need not wait for the lease to expire
-    return report
+    try:
+        inputs = build_inputs(cfg, store, info)
+        clock.lap("inputs")
+        first = None if cfg.train.online else score_pending(cfg, store, info, metrics)
+        passes = [first] if first else []
+        clock.lap("teacher_pass")
+        state, total, refresh, result = train_student(cfg, store, info)
+        students = {"student": export_student(result, cfg, out, "student")}
+        history = {"student": state["history"]}
+        clock.lap("train")
+        if cfg.run.compare_hard_labels:
+            base, base_result = train_hard_label(cfg, store, info)
+            history["hard_label"] = base["history"]
+            students["hard_label_student"] = export_student(base_result, cfg, out, "hard_label_student")
+            clock.lap("train_hard_label")
+        wait_for_nodes(cfg, "eval")
+        evaluation = evaluate_students(cfg, store, students)
+        clock.lap("eval")
+        report = build_report(cfg, store, out_dir=out, phases=clock.phases, inputs=inputs, passes=passes,
+                              state=state, total_steps=total, history=history, evaluation=evaluation,
+                              students=students, refresh=refresh)
+        report["files"] = write_report(out, report)
+        return report
+    finally:
+        # Failed or not, the next job on this store need not wait for the lease to expire.
+        store.release_lease()
 
 
 class PhaseClock:

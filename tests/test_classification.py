@@ -435,3 +435,9 @@ def test_resume_and_worker_kill(ray_session, trained, tmp_path, monkeypatch):
     assert state["resumed_from"] == 12 and state["step"] == 16
     assert state["config_changes"] == {"total_steps": [12, 16]}
     assert [h["step"] for h in state["history"]] == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def test_fused_loss_refused(cls_models, corpus, tmp_path):
+    (msg,) = _problems(make_cfg(cls_models, corpus, tmp_path, **{"train.fused_loss": True}))
+    assert msg.startswith("train.fused_loss: the fused LM head") and "sequence_classification" in msg
+    assert _problems(make_cfg(cls_models, corpus, tmp_path, **{"train.fused_loss": False})) == []

@@ -165,6 +165,10 @@ class SequenceClassification(Task):
             problems.append("refresh.source: on_policy re-scores inputs the student generates; a classifier "
                             "generates no text — use refresh.source=teacher (a new teacher revision) or "
                             "refresh.policy=none (a fixed teacher's dense targets never go stale)")
+        if cfg.train.fused_loss:
+            problems.append("train.fused_loss: the fused LM head + loss bounds the memory of a language "
+                            "model's vocabulary-sized logits; a classifier's are [batch, 1, classes] — "
+                            "leave train.fused_loss unset (or false) for task sequence_classification")
         if d.label_column is None:
             if cfg.train.alpha != 1:
                 problems.append(f"train.alpha: {cfg.train.alpha} weighs in a cross-entropy on labels, but "
