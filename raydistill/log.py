@@ -14,13 +14,14 @@ _logger = logging.getLogger("raydistill")
 
 
 class _StdoutHandler(logging.StreamHandler):
-    """Resolves sys.__stdout__ at emit time (workers swap sys.stdout; __stdout__ is the real one)."""
+    """Resolves the stream at emit time: `sys.stdout` as it is then (a driver's, or a test's capture),
+    or, for a train worker's rank-0 line, `sys.__stdout__` (Ray Train swaps sys.stdout for a tee)."""
 
     def __init__(self):
-        super().__init__(sys.__stdout__)
+        super().__init__(sys.stdout)
 
     def emit(self, record):
-        self.setStream(sys.__stdout__)
+        self.setStream(sys.__stdout__ if getattr(record, "worker", False) else sys.stdout)
         super().emit(record)
         self.flush()
 
@@ -33,18 +34,21 @@ if not _logger.handlers:
     _logger.propagate = False
 
 
-def log(msg: str, *, warning: bool = False) -> None:
+def log(msg: str, *, warning: bool = False, _worker: bool = False) -> None:
     """One line of the run's log (`WARNING` prefixed when `warning`)."""
-    _logger.log(logging.WARNING if warning else logging.INFO, ("WARNING " if warning else "") + msg)
+    _logger.log(logging.WARNING if warning else logging.INFO, ("WARNING " if warning else "") + msg,
+                extra={"worker": _worker})
 
 
 def log0(msg: str, *, warning: bool = False) -> None:
     """`log` on train rank 0 only (elsewhere: the driver, an actor) — one line per event, not per worker."""
+    worker = False
     try:
         import ray.train
 
         if ray.train.get_context().get_world_rank() != 0:
             return
+        worker = True
     except Exception:  # not inside a Ray Train worker
         pass
-    log(msg, warning=warning)
+    log(msg, warning=warning, _worker=worker)
