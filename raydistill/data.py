@@ -296,18 +296,28 @@ def inputs_table(seq_ids: np.ndarray, input_ids: np.ndarray, vocab_size: int,
     return pa.table(cols)
 
 
+def check_recorded_inputs(cfg, store, info) -> dict | None:
+    """The inputs already recorded in `store` (None if none), refused (StoreError) when they were
+    built from another corpus or packing than this run's. Reads only: safe before the writer lease."""
+    if not store.has_inputs():
+        return None
+    fs, files, _ = resolve_corpus(cfg.data)
+    recorded = store.manifest()["inputs"]["info"]
+    if recorded.get("fingerprint") != corpus_fingerprint(fs, files, cfg.data, info.tokenizer["hash"]):
+        raise StoreError(
+            f"targets.store: {store.uri} was built from another corpus or packing "
+            f"({recorded.get('data_path')}, seq_len {recorded.get('seq_len')}) than this run "
+            f"({cfg.data.path}, seq_len {cfg.data.seq_len}) — use another targets.store or delete it")
+    return recorded
+
+
 def build_inputs(cfg, store, info) -> dict:
     """Write the train shards and eval file of inputs once; a re-run with the same corpus skips."""
+    recorded = check_recorded_inputs(cfg, store, info)
+    if recorded is not None:
+        return dict(recorded, skipped=True)
     fs, files, fmt = resolve_corpus(cfg.data)
     fingerprint = corpus_fingerprint(fs, files, cfg.data, info.tokenizer["hash"])
-    if store.has_inputs():
-        recorded = store.manifest()["inputs"]["info"]
-        if recorded.get("fingerprint") != fingerprint:
-            raise StoreError(
-                f"targets.store: {store.uri} was built from another corpus or packing "
-                f"({recorded.get('data_path')}, seq_len {recorded.get('seq_len')}) than this run "
-                f"({cfg.data.path}, seq_len {cfg.data.seq_len}) — use another targets.store or delete it")
-        return dict(recorded, skipped=True)
 
     eos = info.eos_token_id if info.eos_token_id is not None else 0
     if in_process(fs, files, fmt, cfg.data):

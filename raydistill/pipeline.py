@@ -114,9 +114,14 @@ def open_store(cfg, info):
     from .store import SoftTargetStore
     from .teacher import target_params
 
-    # writer: one job per store; the run's actors commit under this handle's lease (it pickles along).
-    return SoftTargetStore.open(cfg.store_uri, tokenizer=info.tokenizer, targets=target_params(cfg.targets),
-                                writer=cfg.run.name)
+    from .data import check_recorded_inputs
+
+    store = SoftTargetStore.open(cfg.store_uri, tokenizer=info.tokenizer, targets=target_params(cfg.targets))
+    # A store built from another corpus is refused before this run takes the lease: bad input leaves
+    # the store as it was. Then one job per store; the run's actors commit under this handle's lease.
+    check_recorded_inputs(cfg, store, info)
+    store.acquire_lease(cfg.run.name)
+    return store
 
 
 def score_pending(cfg, store, info, metrics=None) -> dict | None:
