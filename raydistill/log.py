@@ -21,7 +21,8 @@ class _StdoutHandler(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     def emit(self, record):
-        self.setStream(sys.__stdout__ if getattr(record, "worker", False) else sys.stdout)
+        # Assigned, not setStream(): that flushes the previous stream, which may be a closed capture.
+        self.stream = sys.__stdout__ if getattr(record, "worker", False) else sys.stdout
         super().emit(record)
         self.flush()
 
