@@ -415,3 +415,28 @@ def test_status_counts_steps_the_scheduler_never_saw(tmp_path):
     assert st["max_age_seen"] <= st["max_age"] and st["bound_held"] is None   # unknown, not "held"
     s.on_step(19)                                            # a late delivery is seen after all
     assert s.status()["unseen_steps"] == 9
+
+
+def test_a_burst_of_late_calls_is_not_a_rewind_but_a_new_client_going_back_is(tmp_path):
+    """Calls queued while the actor restarted arrive in a burst, in any order (threaded actor): from
+    the client already seen, a step far behind the newest is a late delivery (no rewind, no new
+    decision, no age record); a new client (a fit resumed from a checkpoint) going back rewinds."""
+    s = RefreshScheduler(make_cfg(every=4), MemoryStore(8), run_pass=instant_pass(), background=False,
+                         persist_every_s=1e9)
+    for step in range(1, 11):
+        s.on_step(step, client="fit-a")
+    for step in range(31, 41):
+        s.on_step(step, client="fit-a")
+    passes, n_ages = s.status()["passes"], len(s.state.ages)
+    assert s.status()["unseen_steps"] == 20
+    for step in (12, 25, 11):                              # 29, 16 and 30 steps behind the newest
+        assert s.on_step(step, client="fit-a") is None
+    st = s.status()
+    assert st["last_step"] == 40 and st["passes"] == passes and len(s.state.ages) == n_ages
+    assert st["unseen_steps"] == 17                        # seen after all
+    s.on_step(20, client="fit-b")                          # resumed from the checkpoint of step 19
+    assert s.status()["last_step"] == 20 and s.state.last_slot <= 20
+    assert s.on_step(39, client="fit-a") is None           # the old attempt's late call changes nothing
+    assert s.status()["last_step"] == 20
+    s.on_step(21, client="fit-b")
+    assert s.status()["last_step"] == 21 and s.state.ages[-1][0] == 21

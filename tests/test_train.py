@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from raydistill.data import build_inputs
+from raydistill.export import export_student
 from raydistill.models import build_student, preflight
-from raydistill.pipeline import export_student, open_store, score_pending
+from raydistill.pipeline import open_store, score_pending
 from raydistill.train import fit_student, read_final_state
 
 from test_teacher_pass import make_cfg

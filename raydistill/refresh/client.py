@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 
 WAIT_SLICE_S = 5.0       # one blocking call to the scheduler lasts at most this
@@ -46,6 +47,8 @@ class RefreshClient:
         self._warned = False
         self.seen: list[tuple[int, int | None, float]] = []   # (step, max age upper bound, stall s)
         self.stall_seconds = 0.0
+        # One id per fit attempt: the scheduler tells this client's late calls from a resumed run's rewind.
+        self.client_id = uuid.uuid4().hex[:12]
 
     def _handle(self):
         """One GCS lookup per worker, not per step. The handle outlives actor restarts; calls
@@ -136,7 +139,7 @@ class RefreshClient:
         every = self.spec.policy_every or 0
         if self.spec.policy_dir and every and step % every == 0:
             save_policy(model, self.spec.policy_dir, step)
-        actor.on_step.remote(step, self.spec.enforce == "wait" and self.spec.max_age is not None)
+        actor.on_step.remote(step, self.spec.enforce == "wait" and self.spec.max_age is not None, self.client_id)
 
 
 def save_policy(model, policy_dir: str, step: int) -> None:

@@ -21,6 +21,11 @@ training seldom has to wait. Stalls (seconds and steps) are counted per pass; wh
 of the last passes exceeds `refresh.max_stall_share`, the pool grows by one replica (up to
 `refresh.max_replicas`).
 
+Calls arrive out of order (a threaded actor; calls queued while it restarted come in a burst):
+each trainer client (one per fit attempt) sends its id, so an older step from the newest client
+is a late delivery and only a new client going back is a rewind (training resumed from a
+checkpoint); calls of a superseded client are ignored.
+
 Ages are recorded at every step the scheduler sees, *after* that step's decision; a pass's
 `commit_step` is the first step whose record sees all of its commits, so `commit_step −
 start_step` is its latency in steps (0 for a pass that completes instantly).
@@ -45,7 +50,8 @@ STATE_KEY = "scheduler"
 # The state is rewritten with the manifest at every decision: keep it small whatever the run length.
 MAX_AGES = 2048        # age records kept (older ones are thinned, keeping the larger max_age)
 MAX_PASS_LOG = 500     # pass log entries kept (the counters keep counting)
-REORDER_WINDOW = 8     # an on_step this far behind the newest is a late delivery, further is a rewind
+REORDER_WINDOW = 8     # without a client id: an on_step this far behind the newest is a late delivery
+MAX_CLIENTS = 16       # trainer client ids remembered (one per fit attempt)
 GROWTH_WINDOW = 3      # passes over which the stall share is judged for growing the pool
 MAX_FAILED_IN_A_ROW = 3  # consecutive failed passes after which a waiting trainer gets the error
 
@@ -80,6 +86,7 @@ class SchedulerState:
     last_seen_at: float | None = None
     pool_size: int = 0            # replicas the pool has grown to (a restart starts it at that size)
     failed_in_a_row: int = 0
+    clients: list = field(default_factory=list)   # ids of the trainer clients seen, newest last
 
     @classmethod
     def restore(cls, saved: dict, **fixed) -> "SchedulerState":
@@ -257,16 +264,24 @@ class RefreshScheduler:
         self._changed.notify_all()
 
     # ------------------------------------------------------------ events
-    def on_step(self, step: int, prefetch: bool = False) -> RefreshDecision | None:
+    def on_step(self, step: int, prefetch: bool = False, client: str | None = None) -> RefreshDecision | None:
         """Student step `step` is done (train rank 0, fire and forget). `prefetch` (a trainer that
         enforces the bound): also start the shards that would pass max_age before a pass started
-        now could land (the latency of the recent passes, plus one step)."""
+        now could land (the latency of the recent passes, plus one step). `client`: the id of the
+        trainer client sending it (one per fit attempt), which tells a rewind from a late delivery."""
         step = int(step)
         with self._lock:
             st, last = self.state, int(self.state.last_step)
             self._seen_now()
+            if client is not None and client in st.clients[:-1]:
+                return None  # a late call of an attempt a newer one superseded: its steps are history
+            known = client is None or client in st.clients
             if step <= last:
-                if step == last or last - step <= REORDER_WINDOW:
+                # A threaded actor runs calls out of order, and calls queued while it restarted arrive
+                # in a burst: from a client already seen, an older step is always a late delivery. Only
+                # a new client (training resumed from a checkpoint) going back is a rewind.
+                late = step == last or (known and (client is not None or last - step <= REORDER_WINDOW))
+                if late:
                     if step < last and st.unseen_steps:
                         st.unseen_steps -= 1   # a late delivery: seen after all
                     return None  # duplicate or late delivery (threaded actor, retried call)
@@ -275,6 +290,8 @@ class RefreshScheduler:
                 st.last_slot = min(int(st.last_slot), step - step % self.every)
             elif step > last + 1:
                 st.unseen_steps += step - last - 1
+            if not known:
+                st.clients = (st.clients + [client])[-MAX_CLIENTS:]
             st.last_step = step
             need = step + 1 + self._lead_steps() if prefetch else None
             decision = self._step(step, need)
