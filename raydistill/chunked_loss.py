@@ -226,7 +226,7 @@ def encode_chunked(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.
     of about `chunk_tokens` positions (None: `chunk_tokens_for(V)`) gets its logits, goes through `targets.encode` and is dropped,
     so a pass's peak memory does not grow with V beyond one chunk. Returns encode's dict (one numpy
     array per sequence and column). encode_kwargs: fmt, k, samples, capture_temperature,
-    vocab_size, generator — as for `targets.encode`.
+    vocab_size, generator, loss_mask — as for `targets.encode` (loss_mask [B, L] is cut per window).
     """
     if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
         raise ValueError(f"encode_chunked: expected hidden [B, L, H] and input_ids [B, L], got "
@@ -236,10 +236,12 @@ def encode_chunked(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.
     if seq_len < 2:  # let encode say what is wrong, on the whole batch
         return encode(F.linear(hidden, weight, bias), input_ids, **encode_kwargs)
     pieces: list[dict] = [dict() for _ in range(bsz)]  # per sequence: column -> list of arrays
+    mask = encode_kwargs.pop("loss_mask", None)
     with torch.no_grad():
         for b0, b1, p0, p1 in _windows(bsz, seq_len, chunk_tokens):
             logits = F.linear(hidden[b0:b1, p0:p1], weight, bias)
-            enc = encode(logits, input_ids[b0:b1, p0:p1], **encode_kwargs)
+            window_mask = None if mask is None else mask[b0:b1, p0:p1]
+            enc = encode(logits, input_ids[b0:b1, p0:p1], loss_mask=window_mask, **encode_kwargs)
             del logits
             for col, arrays in enc.items():
                 for i, a in enumerate(arrays):
@@ -297,13 +299,16 @@ def model_hidden(model, input_ids: torch.Tensor, **forward_kwargs):
     if problem:
         raise ValueError(f"{name} {problem} — set train.fused_loss=false for this model")
     head = inner.get_output_embeddings()
-    weight = head.weight
     got = {}
     hook = inner.base_model.register_forward_hook(lambda _m, _a, out: got.__setitem__("h", out[0]))
     try:
         out = model(input_ids=input_ids, logits_to_keep=1, **forward_kwargs)
     finally:
         hook.remove()
+    # Read after the forward: under FSDP the root's forward swaps the sharded head for the gathered
+    # one, which stays until its backward (the root is not resharded after forward) — gradients
+    # into it are reduce-scattered by FSDP's end-of-backward hook like any other.
+    weight = head.weight
     # A teacher spread over GPUs (device_map="auto") may end its body on another device than its head.
     hidden, bias = got["h"].to(weight.device), getattr(head, "bias", None)
     if id(inner) not in _CHECKED:

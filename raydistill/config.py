@@ -4,7 +4,9 @@ Sections (every key optional except ``teacher.model``; see ``configs/default.yam
 
     task      causal_lm (default) | another name in raydistill.tasks.TASKS (a top-level key)
     run       name, output_dir, seed, compare_hard_labels, resource_wait_s
-    data      path, text_column, text_pair_column, label_column, seq_len, eval_fraction, max_rows
+    data      path, format (text|chat|prompt_response), text_column, text_pair_column, label_column,
+              messages_column, prompt_column, response_column, chat_template, loss_on (response|all),
+              seq_len, eval_fraction, max_rows
     teacher   model, revision, dtype, replicas, cpus_per_replica, gpus_per_replica, batch_size,
               trust_remote_code, allow_pickle_weights, resources
     targets   format (sampled|topk|dense; unset: the task's default), k, samples, capture_temperature,
@@ -50,6 +52,8 @@ TOPK_TEMPERATURE_RANGE = (0.5, 10.0)
 REFRESH_POLICIES = ("none", "round_robin", "random")
 REFRESH_SOURCES = ("teacher", "resample", "on_policy")
 REFRESH_ENFORCE = ("wait", "warn")
+DATA_FORMATS = ("text", "chat", "prompt_response")  # raydistill.instruct.FORMATS
+LOSS_ON = ("response", "all")
 
 
 @dataclass(kw_only=True)
@@ -67,6 +71,13 @@ class DataConfig:
     text_column: str = "text"
     text_pair_column: str | None = None  # sequence_classification: second text of a pair (NLI)
     label_column: str | None = None      # sequence_classification: labels (names or ids); null: none
+    # causal_lm input rows (raydistill.instruct): packed text, or examples with a loss mask
+    format: str = "text"                 # text | chat | prompt_response
+    messages_column: str = "messages"    # chat: a list of {role, content} per row
+    prompt_column: str = "prompt"        # prompt_response
+    response_column: str = "response"    # prompt_response
+    chat_template: str | None = None     # chat: a Jinja template (text or a file path); null: the tokenizer's
+    loss_on: str = "response"            # response: loss on response tokens only; all: on every token
     seq_len: int = 128
     eval_fraction: float = 0.05
     max_rows: int | None = None
@@ -326,6 +337,10 @@ _RULES: dict[str, tuple[Any, str, str]] = {
     "run.output_dir": (*_NONEMPTY, "use a local directory or a URI such as s3://bucket/runs/x"),
     "run.resource_wait_s": (*_ge(0), "use a number of seconds, e.g. 1800 (0: do not wait for new nodes)"),
     "data.text_column": (*_NONEMPTY, "name the column that holds the text"),
+    "data.messages_column": (*_NONEMPTY, "name the column that holds each row's list of {role, content}"),
+    "data.prompt_column": (*_NONEMPTY, "name the column that holds the prompts"),
+    "data.response_column": (*_NONEMPTY, "name the column that holds the responses"),
+    "data.chat_template": (*_NONEMPTY, "give a Jinja template (text or a file path), or null for the tokenizer's"),
     "data.seq_len": (*_ge(2), "use at least 2 tokens (each target describes the next token)"),
     "data.eval_fraction": (*_in(0, 1, hi_open=True), "use e.g. 0.05 (0: no held-out eval)"),
     "data.max_rows": (*_ge(1), "use a positive row count, or null for every row"),
@@ -366,6 +381,7 @@ _RULES: dict[str, tuple[Any, str, str]] = {
 }
 _CHOICES = {
     "task": tuple(TASKS),
+    "data.format": DATA_FORMATS, "data.loss_on": LOSS_ON,
     "teacher.dtype": DTYPES, "student.dtype": DTYPES, "targets.format": TARGET_FORMATS,
     "train.loss": LOSSES, "train.temperature_schedule.kind": SCHEDULES,
     "refresh.policy": REFRESH_POLICIES, "refresh.source": REFRESH_SOURCES, "refresh.enforce": REFRESH_ENFORCE,
@@ -495,6 +511,9 @@ def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) 
                    f"for the mass outside the draws) — set targets.format=topk, "
                    f"train.loss=forward_kl, or train.online=true")
     out += _temperature_problems(cfg)
+    if cfg.data.format in DATA_FORMATS and cfg.data.format != "text" and cfg.task != "causal_lm":
+        out.append(f"data.format: {cfg.data.format} examples (a loss mask over response tokens) are for task "
+                   f"causal_lm, not {cfg.task} — use data.format=text, or task: causal_lm")
     if 0 <= r.fraction <= 1 and r.policy in REFRESH_POLICIES:
         if r.policy != "none" and r.fraction == 0:
             out.append(f"refresh.fraction: 0 with refresh.policy={r.policy} refreshes nothing — set "

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigError, StoreError
+from .instruct import corpus_columns, is_examples
 
 DOCS_PER_BATCH = 256
 IN_PROCESS_MAX_BYTES = 64 << 20   # corpus files up to this size are tokenized in the driver ...
@@ -86,12 +87,14 @@ def resolve_corpus(data_cfg) -> tuple[object, list[str], str]:
     if len(kinds) > 1:
         raise ConfigError([f"data.path: {path} mixes Parquet and JSONL files — use one format"])
     fmt = kinds.pop()
-    _check_text_column(fs, files, fmt, data_cfg.text_column, path)
+    _check_text_column(fs, files, fmt, corpus_columns(data_cfg), path)
     return fs, files, fmt
 
 
-def _check_text_column(fs, files: list[str], fmt: str, column: str, path: str) -> None:
-    """The first file that has rows must have the text column; a corpus with no rows is refused.
+def _check_text_column(fs, files: list[str], fmt: str, columns: list[tuple[str, str]], path: str) -> None:
+    """The first file that has rows must have the text column (data.format chat / prompt_response:
+    the messages, or prompt and response, columns: `columns` = [(key, column)]); a corpus with no
+    rows is refused.
 
     Reads Parquet footers / the first non-blank JSONL line, file by file, until one has rows:
     usually a single small read, and an empty corpus fails here rather than after Ray starts."""
@@ -123,12 +126,18 @@ def _check_text_column(fs, files: list[str], fmt: str, column: str, path: str) -
                 raise ConfigError([f"data.path: the first line of {f_path} is not a JSON object — "
                                    "write one JSON object per line (JSONL)"])
             names = list(row)
-        if column not in names:
-            raise ConfigError([f"data.text_column: column {column!r} is not in {f_path} (columns: "
-                               f"{', '.join(names[:10])}) — set data.text_column to the text column"])
+        missing = [_missing_column(key, column, f_path, names) for key, column in columns if column not in names]
+        if missing:
+            raise ConfigError(missing)
         return
     raise ConfigError([f"data.path: {path} holds no rows ({len(files)} file(s), all empty) — "
                        "point it at a corpus with text"])
+
+
+def _missing_column(key: str, column: str, f_path: str, names: list[str]) -> str:
+    what = "the text column" if key == "data.text_column" else "a column of the corpus (data.format sets which)"
+    return (f"{key}: column {column!r} is not in {f_path} (columns: {', '.join(names[:10])}) — set {key} "
+            f"to {what}")
 
 
 def corpus_fingerprint(fs, files: list[str], data_cfg, tokenizer_hash: str) -> str:
@@ -141,6 +150,12 @@ def corpus_fingerprint(fs, files: list[str], data_cfg, tokenizer_hash: str) -> s
     h.update(f"{data_cfg.text_column}:{data_cfg.seq_len}:{data_cfg.max_rows}:{tokenizer_hash}".encode())
     if data_cfg.text_pair_column or data_cfg.label_column:  # (only then: LM fingerprints stay as they were)
         h.update(f"{data_cfg.text_pair_column}:{data_cfg.label_column}".encode())
+    if is_examples(data_cfg):  # instruction data: what renders the rows and where the loss goes
+        from .instruct import chat_template_text
+
+        d = data_cfg
+        h.update(f"{d.format}:{[c for _, c in corpus_columns(d)]}:{d.loss_on}:"
+                 f"{chat_template_text(d.chat_template) if d.format == 'chat' else ''}".encode())
     return f"sha256:{h.hexdigest()[:32]}"
 
 
@@ -198,6 +213,10 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, trust_remote_code: bo
     return {"input_ids": seqs, "valid": valid, "docs": docs, "skipped": skip}
 
 
+# Keys of a map_batches stage's output that are not columns of an input row of their own.
+_STAGE_KEYS = ("input_ids", "valid", "docs", "skipped", "labels")
+
+
 def in_process(fs, files: list[str], fmt: str, data_cfg) -> bool:
     """Small enough to read and pack in the driver (see the module docstring for why)."""
     if fmt == "parquet" and data_cfg.max_rows and data_cfg.max_rows <= IN_PROCESS_MAX_ROWS:
@@ -222,9 +241,11 @@ def _corpus_columns(fs, files: list[str], fmt: str, columns: list[str]):
                     yield {c: batch.column(c).to_pylist() for c in columns}
                 continue
             table = pajson.read_json(f)
-        if table.num_rows and columns[0] not in table.column_names:
-            raise ConfigError([f"data.text_column: column {columns[0]!r} is not in {path} — every file of "
-                               "data.path needs the text column"])
+        missing = [c for c in columns if c not in table.column_names]
+        if table.num_rows and missing:
+            raise ConfigError([f"data.path: column {missing[0]!r} is not in {path} — every file of "
+                               "data.path needs the columns the config names (data.text_column, "
+                               "data.messages_column, ...)"])
         if table.num_rows:
             yield {c: table.column(c).to_pylist() for c in columns}
 
@@ -282,8 +303,11 @@ def is_eval(seq_ids: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def inputs_table(seq_ids: np.ndarray, input_ids: np.ndarray, vocab_size: int,
-                 labels: np.ndarray | None = None) -> pa.Table:
-    """Input rows: seq_id, input_ids [N, L] (+ labels [N, P] of a task whose rows carry labels)."""
+                 labels: np.ndarray | None = None, extra: dict | None = None,
+                 schema: pa.Schema | None = None) -> pa.Table:
+    """Input rows: seq_id, input_ids [N, L] (+ labels [N, P] of a task whose rows carry labels, + the
+    task's `extra` columns {name: [N, w]}, typed by the task's input `schema`: a list type takes the
+    w values of a row, any other type its single value)."""
     from .targets import id_type
 
     def column(values: np.ndarray, typ) -> pa.ListArray:
@@ -293,6 +317,9 @@ def inputs_table(seq_ids: np.ndarray, input_ids: np.ndarray, vocab_size: int,
     cols = {"seq_id": pa.array(seq_ids, type=pa.int64()), "input_ids": column(input_ids, id_type(vocab_size))}
     if labels is not None:
         cols["labels"] = column(labels, pa.int64())
+    for name, values in (extra or {}).items():
+        typ = schema.field(name).type
+        cols[name] = column(values, typ.value_type) if pa.types.is_list(typ) else pa.array(values[:, 0], typ)
     return pa.table(cols)
 
 
@@ -333,8 +360,17 @@ def build_inputs(cfg, store, info) -> dict:
     next_id = 0
 
     width = 1 + cfg.data.seq_len  # a row of `rows`: seq_id, input_ids, then the task's labels (if any)
+    # ... or the task's extra columns (an example's loss_mask, length), each [n, w], in this order
+    extras: list[tuple[str, int]] = []
+    from .tasks import get_task
+
+    schema = get_task(cfg).input_schema(vocab)
 
     def table_of(rows: np.ndarray) -> pa.Table:
+        if extras:
+            cuts = np.cumsum([width] + [w for _, w in extras])
+            extra = {name: rows[:, lo:hi] for (name, _), lo, hi in zip(extras, cuts[:-1], cuts[1:])}
+            return inputs_table(rows[:, 0], rows[:, 1:width], vocab, extra=extra, schema=schema)
         return inputs_table(rows[:, 0], rows[:, 1:width], vocab, rows[:, width:] if labelled else None)
 
     def flush(rows: np.ndarray) -> None:
@@ -352,6 +388,11 @@ def build_inputs(cfg, store, info) -> dict:
         seqs = batch["input_ids"][batch["valid"]]
         if "labels" in batch:  # a task whose input rows carry labels (sequence_classification)
             labelled, seqs = True, np.column_stack([seqs, batch["labels"][batch["valid"]]])
+        names = [k for k in batch if k not in _STAGE_KEYS]
+        if names:  # e.g. instruction rows: loss_mask [n, L], length [n]
+            parts = [np.asarray(batch[k]).reshape(len(batch[k]), -1) for k in names]
+            extras = [(k, p.shape[1]) for k, p in zip(names, parts)]
+            seqs = np.column_stack([seqs] + [p[batch["valid"]] for p in parts])
         ids = np.arange(next_id, next_id + len(seqs), dtype=np.int64)
         next_id += len(seqs)
         held_out = is_eval(ids, cfg.data.eval_fraction)

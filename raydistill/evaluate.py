@@ -4,7 +4,8 @@ and the causal-LM figures (`evaluate`) that the `causal_lm` task reports.
 Positions follow the package convention: a sequence of `L` tokens has `T = L - 1` predicted
 positions, position `j` predicts `input_ids[j + 1]`, and the logits used are `logits[:, :-1, :]`.
 
-Figures (all token-weighted means over every position of every sequence, in nats):
+Figures (all token-weighted means over every position of every sequence — of a store of examples,
+over its loss positions only: `loss_mask` — in nats):
 
 - `ce`: cross-entropy of the model against the actual next token; `perplexity = exp(ce)`;
 - `kl_teacher_student`: KL(p_teacher ‖ q_student) over the full vocabulary (forward KD's target);
@@ -100,18 +101,22 @@ def _perplexity(ce: float) -> float:
     return math.exp(ce) if ce < 700 else float("inf")
 
 
-def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
+def _log_probs(model, batch: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """float32 log-softmax of the logits that predict `batch[:, 1:]`: `[B, T, V]`."""
-    logits = model(input_ids=batch).logits[:, :-1, :]
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+    logits = model(input_ids=batch, **kw).logits[:, :-1, :]
     return torch.log_softmax(logits.float(), dim=-1)
 
 
 def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int = 8,
-             device: str | torch.device = "cpu") -> dict:
+             device: str | torch.device = "cpu", loss_mask: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None) -> dict:
     """Evaluate `student` and `teacher` (loaded HF causal LMs; either may be None) on `input_ids`.
 
     input_ids: `[N, L]` int64, `L >= 2`. Models are moved to `device` and put in eval mode
-    for the call (their previous train/eval mode is restored afterwards).
+    for the call (their previous train/eval mode is restored afterwards). loss_mask `[N, L]`
+    (examples): only the positions j with loss_mask[:, j + 1] count, and "tokens" counts them;
+    attention_mask `[N, L]` goes to the models (right padding).
 
     Returns (a part is left out when its model is None; KL and agreement need both models):
 
@@ -137,10 +142,16 @@ def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int =
         with torch.inference_mode():
             for start in range(0, input_ids.shape[0], batch_size):
                 batch = input_ids[start:start + batch_size].to(device)
-                labels = batch[:, 1:]
+                am = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+                keep = None if loss_mask is None else loss_mask[start:start + batch_size, 1:].to(device) != 0
+
+                def pick(x):  # [B, T, ...] -> [n, ...]: the positions that count (a view when all do)
+                    return x.flatten(0, 1) if keep is None else x[keep]
+
+                labels = pick(batch[:, 1:])
                 tokens += labels.numel()
-                s_lp = _log_probs(student, batch) if student is not None else None
-                t_lp = _log_probs(teacher, batch) if teacher is not None else None
+                s_lp = pick(_log_probs(student, batch, am)) if student is not None else None
+                t_lp = pick(_log_probs(teacher, batch, am)) if teacher is not None else None
                 if s_lp is not None:
                     sums["s_ce"] += -s_lp.gather(-1, labels.unsqueeze(-1)).double().sum().item()
                 if t_lp is not None:

@@ -27,6 +27,21 @@ On disk (one row per sequence; every list column is flattened position-major):
       dense_logprobs list<float16> length P*C   log p_Tc over all C classes, position-major
       labels        list<int64>    length P     the hard label of each position, -100 where none
 
+Stores of examples (data.format chat / prompt_response, `raydistill.instruct`) carry two more
+columns, last, and hold soft targets only at *loss positions*:
+
+    loss_mask            list<uint8>    length L: 1 where token j carries loss (an input column)
+    length               int32          real (non-pad) tokens of the row (an input column)
+
+Target position j (which predicts input_ids[j+1]) is a loss position when loss_mask[j+1] == 1.
+Every per-position list column above (label_logprob, sample_len, entropy, topk_*, tail_*) then
+holds one entry (or k, or 2G) per loss position of the row, in position order, instead of one per
+position: nothing is computed or stored for prompt tokens and padding. In memory (`decode`) the
+targets are placed back at their positions, [B, T, M] as always; a position with no target holds a
+point mass on id 0 (log-prob 0 in slot 0, -inf elsewhere; tail FP16_MIN; label_logprob NaN;
+entropy 0): finite, and never used, because its label is -100 (`Task.labels`). A store without
+loss_mask (packed text) has every position a loss position: the layout above, unchanged.
+
 ID is uint16 when the vocabulary has <= 65,536 ids, else uint32. Log-probs are float16 and clamped
 to [-65504, 0] so that every stored value is finite (a -inf would turn into NaN in the losses).
 SCHEMA_VERSION numbers this layout; it is part of a store's target params, so a store written
@@ -130,8 +145,13 @@ def _check_fmt(fmt: str) -> None:
         raise ValueError(f"targets.format={fmt!r} has no shard encoding here — use one of {', '.join(ENCODED)}")
 
 
-def arrow_schema(fmt: str, vocab_size: int) -> pa.Schema:
-    """The columns of every shard file of a store with this format and vocabulary (module docstring)."""
+# The input columns a store of examples adds to each shard row, last (module docstring).
+EXAMPLE_COLUMNS = (("loss_mask", pa.list_(pa.uint8())), ("length", pa.int32()))
+
+
+def arrow_schema(fmt: str, vocab_size: int, masked: bool = False) -> pa.Schema:
+    """The columns of every shard file of a store with this format and vocabulary (module docstring);
+    `masked`: a store of examples (loss_mask + length, targets at loss positions only)."""
     _check_fmt(fmt)
     idt, f16 = id_type(vocab_size), pa.list_(pa.float16())
     fields = [("seq_id", pa.int64()), ("input_ids", pa.list_(idt)), ("policy_version", pa.int64()),
@@ -143,12 +163,13 @@ def arrow_schema(fmt: str, vocab_size: int) -> pa.Schema:
         fields += [("dense_logprobs", f16), ("labels", pa.list_(pa.int64()))]
     else:
         fields += [("topk_ids", pa.list_(idt)), ("topk_logprobs", f16), ("tail_logmass", f16), ("tail_pow", f16)]
-    return pa.schema(fields)
+    return pa.schema(fields + (list(EXAMPLE_COLUMNS) if masked else []))
 
 
-def columns(fmt: str) -> list[str]:
-    """The format's columns produced by `encode` (everything except seq_id/input_ids/policy_version)."""
-    return arrow_schema(fmt, 2).names[3:]
+def columns(fmt: str, masked: bool = False) -> list[str]:
+    """The format's columns produced by `encode` (everything except seq_id/input_ids/policy_version;
+    `masked`: plus loss_mask and length, which the caller adds to encode's output)."""
+    return arrow_schema(fmt, 2, masked).names[3:]
 
 
 def build_table(encoded: dict, *, seq_id, input_ids, policy_version, fmt: str, vocab_size: int) -> pa.Table:
@@ -157,8 +178,10 @@ def build_table(encoded: dict, *, seq_id, input_ids, policy_version, fmt: str, v
     seq_id [B] ints; input_ids [B, L] (tensor or array); policy_version an int or [B] ints.
     Builds the list columns from flat values + offsets (no per-element Python conversion).
     A token id outside [0, vocab_size) is refused: a cast to uint16 would silently wrap it.
+    `encoded` holding "loss_mask" and "length" (one per row) makes a store-of-examples table.
     """
-    schema = arrow_schema(fmt, vocab_size)
+    masked = "loss_mask" in encoded
+    schema = arrow_schema(fmt, vocab_size, masked)
     ids = input_ids.cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
     b = ids.shape[0]
     _check_ids(ids, "input_ids", vocab_size)
@@ -167,13 +190,14 @@ def build_table(encoded: dict, *, seq_id, input_ids, policy_version, fmt: str, v
     cols = {"seq_id": pa.array(seq, pa.int64()),
             "input_ids": _list_array(list(ids.astype(id_dtype(vocab_size))), schema.field("input_ids").type),
             "policy_version": pa.array(pv, pa.int64())}
-    for name in columns(fmt):
+    for name in columns(fmt, masked):
         if name not in encoded:
             raise ValueError(f"build_table: encoded targets have no column {name!r} (format {fmt}) — "
                              "build it from targets.encode's output")
         typ = schema.field(name).type
         if not pa.types.is_list(typ):  # one value per row
-            cols[name] = pa.array(np.asarray(encoded[name], dtype=np.float32).reshape(b), typ)
+            dtype = np.int32 if pa.types.is_integer(typ) else np.float32
+            cols[name] = pa.array(np.asarray(encoded[name], dtype=dtype).reshape(b), typ)
             continue
         if name.endswith("_ids"):
             for a in encoded[name]:
@@ -210,11 +234,14 @@ def _list_array(arrays, typ: pa.ListType) -> pa.ListArray:
 
 def encode(teacher_logits: torch.Tensor, input_ids: torch.Tensor, *, fmt: str, k: int | None = None,
            samples: int | None = None, capture_temperature: float = 1.0, vocab_size: int,
-           generator: torch.Generator | None = None) -> dict[str, list[np.ndarray]]:
+           generator: torch.Generator | None = None,
+           loss_mask: torch.Tensor | None = None) -> dict[str, list[np.ndarray]]:
     """Teacher logits of whole sequences -> the format's columns, one numpy array per sequence.
 
     teacher_logits: [B, L, V] any float dtype (upcast to float32); input_ids: [B, L].
     Log-probs are log_softmax(logits / capture_temperature) at positions 0..L-2 (T = L - 1).
+    loss_mask [B, L] (a store of examples): only the loss positions j (loss_mask[:, j + 1] != 0)
+      are computed and stored, in position order (module docstring); None: every position.
     sampled: `samples` (<= 255) ids drawn with replacement from p per position (torch.multinomial
       with `generator`; when the generator lives on another device the probabilities move to it),
       stored as unique ids + counts, and the entropy H(p) per position. topk: the `k` most likely
@@ -236,32 +263,46 @@ def encode(teacher_logits: torch.Tensor, input_ids: torch.Tensor, *, fmt: str, k
         raise ValueError(f"targets.capture_temperature must be > 0, got {capture_temperature}")
     t = max(seq_len - 1, 0)  # 0 rows: the length is unknown
     with torch.no_grad():
-        logp = F.log_softmax(teacher_logits[:, :-1].float() / capture_temperature, dim=-1)  # [B, T, V]
-        labels = input_ids[:, 1:].to(device=logp.device, dtype=torch.long)
+        # One row per stored position, row-major: every position, or a store of examples' loss positions.
+        logits = teacher_logits[:, :-1]
+        labels = input_ids[:, 1:].to(device=logits.device, dtype=torch.long)
+        if loss_mask is None:
+            logits, labels, per_row = logits.reshape(bsz * t, vocab), labels.reshape(-1), np.full(bsz, t)
+        else:
+            pos = loss_mask[:, 1:].to(device=logits.device) != 0
+            logits, labels, per_row = logits[pos], labels[pos], pos.sum(1).cpu().numpy()
+        logp = F.log_softmax(logits.float() / capture_temperature, dim=-1)  # [N, V]
         label_lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        out = {"capture_temperature": [float(capture_temperature)] * bsz, "label_logprob": list(_fp16(label_lp))}
+        split = _row_splitter(per_row)
+        out = {"capture_temperature": [float(capture_temperature)] * bsz, "label_logprob": split(_fp16(label_lp))}
         idt = id_dtype(vocab_size)
         if fmt == "topk":
             if k is None or not 1 <= k <= vocab:
                 raise ValueError(f"targets.k must be in 1..{vocab} (the vocabulary), got {k}")
-            vals, idx = logp.topk(k, dim=-1)                                  # [B, T, k], descending
+            vals, idx = logp.topk(k, dim=-1)                                  # [N, k], descending
             rest = logp.scatter(-1, idx, float("-inf"))
             tail = torch.logsumexp(rest, dim=-1)                              # log(1 - sum top-k p)
-            out["topk_ids"] = list(idx.reshape(bsz, t * k).cpu().numpy().astype(idt))
-            out["topk_logprobs"] = list(_fp16(vals.reshape(bsz, t * k)))
-            out["tail_logmass"] = list(_fp16(tail))
-            out["tail_pow"] = list(_fp16(_tail_pow(rest).reshape(bsz, t * 2 * len(TAIL_BETAS)), hi=-FP16_MIN))
+            out["topk_ids"] = split(idx.cpu().numpy().astype(idt))
+            out["topk_logprobs"] = split(_fp16(vals))
+            out["tail_logmass"] = split(_fp16(tail))
+            out["tail_pow"] = split(_fp16(_tail_pow(rest), hi=-FP16_MIN))
         else:
             if samples is None or not 1 <= samples <= 255:
                 raise ValueError(f"targets.samples must be in 1..255 (counts are uint8), got {samples}")
-            ids, counts, lens = _draw_unique(logp.reshape(bsz * t, vocab).exp(), samples, generator)
-            per_seq = lens.reshape(bsz, t).sum(1)
+            ids, counts, lens = _draw_unique(logp.exp(), samples, generator)
+            per_seq = np.bincount(np.repeat(np.arange(bsz), per_row), weights=lens, minlength=bsz).astype(np.int64)
             cuts = np.cumsum(per_seq)[:-1]
             out["sample_ids"] = np.split(ids.astype(idt), cuts)
             out["sample_counts"] = np.split(counts.astype(np.uint8), cuts)
-            out["sample_len"] = list(lens.astype(np.uint8).reshape(bsz, t))
-            out["entropy"] = list(_fp16(torch.special.entr(logp.exp()).sum(-1), lo=0.0, hi=-FP16_MIN))
+            out["sample_len"] = split(lens.astype(np.uint8))
+            out["entropy"] = split(_fp16(torch.special.entr(logp.exp()).sum(-1), lo=0.0, hi=-FP16_MIN))
     return out
+
+
+def _row_splitter(per_row: np.ndarray):
+    """values [N, ...] (N = the stored positions of all rows, row-major) -> one flat array per row."""
+    cuts = np.cumsum(per_row)[:-1]
+    return lambda values: [a.reshape(-1) for a in np.split(values, cuts)]
 
 
 def _tail_pow(rest: torch.Tensor) -> torch.Tensor:
@@ -378,11 +419,14 @@ def decode(batch, fmt: str) -> tuple[torch.Tensor, SparseTargets]:
     flattened list values. sampled: M = the largest number of unique ids at any position of the
     batch; logprobs = log(count / sum of counts at that position); padding id 0 / log-prob -inf;
     tail_logmass None; entropy the stored H(p). topk: M = k, the stored log-probs, tail and tail_pow.
-    Every row of a batch must share one capture temperature (one store has one).
+    Every row of a batch must share one capture temperature (one store has one). A batch with a
+    loss_mask column (a store of examples) holds targets at its loss positions only: `_decode_masked`.
     """
     _check_fmt(fmt)
     if fmt == "dense":
         return _decode_dense(batch)
+    if "loss_mask" in (batch.schema.names if isinstance(batch, (pa.Table, pa.RecordBatch)) else batch):
+        return _decode_masked(batch, fmt)
     inp = _fixed(batch, "input_ids")
     bsz, seq_len = inp.shape
     if bsz and seq_len < 2:
@@ -428,6 +472,79 @@ def decode(batch, fmt: str) -> tuple[torch.Tensor, SparseTargets]:
     return input_ids, SparseTargets(torch.from_numpy(ids.reshape(bsz, t, m)),
                                     torch.from_numpy(lp.reshape(bsz, t, m)), None, label, "sampled",
                                     entropy=entropy, capture_temperature=tc)
+
+
+# Per-position columns of a store of examples and how many values each loss position has (None:
+# sample_len of the position; "k": the top-k width).
+_PER_POSITION = {"label_logprob": 1, "sample_len": 1, "entropy": 1, "sample_ids": None, "sample_counts": None,
+                 "topk_ids": "k", "topk_logprobs": "k", "tail_logmass": 1, "tail_pow": 2 * len(TAIL_BETAS)}
+
+
+def _decode_masked(batch, fmt: str) -> tuple[torch.Tensor, SparseTargets]:
+    """A store of examples' rows -> (input_ids [B, L], SparseTargets [B, T, M] with the targets at the
+    loss positions and the module docstring's point mass elsewhere).
+
+    Each loss position becomes one row of a 2-token pseudo-batch (its token and the next) that the
+    plain `decode` checks and decodes ([N, 1, M]); the result is then placed at the positions."""
+    inp = _fixed(batch, "input_ids")
+    bsz, seq_len = inp.shape
+    pos = _fixed(batch, "loss_mask", seq_len)[:, 1:] != 0                    # [B, T]
+    rows, cols = np.nonzero(pos)                                             # row-major
+    per_row = pos.sum(1)
+    tc = _one_temperature(batch, bsz)
+    names = [c for c in columns(fmt) if c in _PER_POSITION]
+    pseudo = {"input_ids": np.stack([inp[rows, cols], inp[rows, cols + 1]], 1).reshape(len(rows), 2),
+              "capture_temperature": np.full(len(rows), tc)}
+    widths = {1: np.ones(len(rows), np.int64), 2 * len(TAIL_BETAS): np.full(len(rows), 2 * len(TAIL_BETAS))}
+    if fmt == "sampled":
+        widths[None] = _fixed_per_row(batch, "sample_len", per_row).astype(np.int64)
+    else:
+        total = int(_flat(batch, "topk_ids")[1].sum())
+        k = total // max(len(rows), 1)
+        widths["k"] = np.full(len(rows), k)
+    for name in names:
+        flat, lens = _flat(batch, name)
+        w = widths[_PER_POSITION[name]]
+        want = np.bincount(np.repeat(np.arange(bsz), per_row), weights=w, minlength=bsz).astype(np.int64)
+        if (lens != want).any():
+            raise ValueError(f"decode: {name!r} rows must hold one entry per loss position of loss_mask "
+                             f"(lengths {want[:5].tolist()}), got {lens[:5].tolist()} (corrupt shard?)")
+        offsets = np.zeros(len(rows) + 1, np.int32)
+        np.cumsum(w, out=offsets[1:])
+        pseudo[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    _, t = decode(pseudo, fmt)
+    return torch.from_numpy(inp.astype(np.int64)), _place(t, torch.from_numpy(pos), tc)
+
+
+def _fixed_per_row(batch, name: str, per_row: np.ndarray) -> np.ndarray:
+    """The flat values of a per-position column with one value per loss position (rows checked)."""
+    flat, lens = _flat(batch, name)
+    if (lens != per_row).any():
+        raise ValueError(f"decode: {name!r} rows must hold one value per loss position of loss_mask "
+                         f"({per_row[:5].tolist()}), got {lens[:5].tolist()} (corrupt shard?)")
+    return flat
+
+
+def _place(t: SparseTargets, pos: torch.Tensor, tc: float) -> SparseTargets:
+    """Targets of the loss positions ([N, 1, ...]) placed at `pos` ([B, T]) in [B, T, ...] tensors."""
+    m = max(t.logprobs.shape[-1], 1)
+
+    def put(values, fill, width=None):
+        if values is None:
+            return None
+        values = values[:, 0]
+        shape = tuple(pos.shape) + ((width,) if width is not None else tuple(values.shape[1:]))
+        out = torch.full(shape, fill, dtype=values.dtype)
+        if width is not None and values.shape[-1] < width:  # an all-empty batch: M = 0 -> 1 slot
+            values = F.pad(values, (0, width - values.shape[-1]), value=fill)
+        out[pos] = values
+        return out
+
+    logprobs = put(t.logprobs, float("-inf"), m)
+    logprobs[..., 0] = torch.where(pos, logprobs[..., 0], torch.zeros(()))  # point mass where no target
+    return replace(t, ids=put(t.ids, 0, m), logprobs=logprobs, tail_logmass=put(t.tail_logmass, FP16_MIN),
+                   label_logprob=put(t.label_logprob, float("nan")), tail_pow=put(t.tail_pow, 0.0),
+                   entropy=put(t.entropy, 0.0), capture_temperature=tc)
 
 
 def _one_temperature(batch, rows: int) -> float:

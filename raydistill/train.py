@@ -94,7 +94,9 @@ def dataset_schema(what: str, fmt: str, vocab_size: int, task=None) -> pa.Schema
         from .tasks import get_task
 
         return (task or get_task(None)).input_schema(vocab_size)
-    return arrow_schema(fmt, vocab_size)
+    # A store of examples' shards also carry their loss_mask and length (targets.py, instruct.py).
+    masked = task is not None and "loss_mask" in task.input_schema(vocab_size).names
+    return arrow_schema(fmt, vocab_size, masked)
 
 
 # ---------------------------------------------------------------- checkpoints
