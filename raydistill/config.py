@@ -97,6 +97,25 @@ class TeacherConfig:
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {teacher_node: 1}
 
 
+# ---- several teachers (raydistill.teachers): `teachers:` instead of `teacher:`, `routing:` optional
+MIXTURE = "mixture"  # routing.default: rows of unmapped values learn the weighted mixture of all teachers
+TEACHER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a name is part of shard ids (store.component_id)
+
+
+@dataclass(kw_only=True)
+class TeacherEntry(TeacherConfig):
+    """One of several teachers: every teacher.* key, plus its name and its weight in a mixture."""
+    name: str | None = None
+    weight: float = 1.0
+
+
+@dataclass(kw_only=True)
+class RoutingConfig:
+    column: str | None = None                             # the corpus column whose value picks the teacher
+    teachers: dict[str, str] = field(default_factory=dict)  # {column value: teacher name}
+    default: str | None = None                            # unmapped values: a teacher name, mixture, or refused
+
+
 @dataclass(kw_only=True)
 class TargetsConfig:
     format: str = "sampled"
@@ -176,6 +195,8 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    teachers: list[TeacherEntry] = field(default_factory=list)  # several teachers; `teacher` is then the first
+    routing: RoutingConfig | None = None                          # which teacher teaches which row (teachers only)
 
     @classmethod
     def from_dict(cls, d: Any, *, check_paths: bool = True) -> "Config":
@@ -183,7 +204,10 @@ class Config:
         return _parse(d, [], check_paths)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # One of the two, as a config file has it: `teacher` is derived from teachers[0].
+        d.pop("teacher" if self.teachers else "teachers")
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -395,6 +419,7 @@ def _parse(d: Any, errors: list[str], check_paths: bool) -> Config:
                       f"use sections such as teacher: {{model: gpt2}}")
         raise ConfigError(errors)
     cfg = _build(Config, d, "", errors)
+    errors.extend(_teachers_section(cfg, d))
     if not isinstance(d.get("targets"), Mapping) or "format" not in d["targets"]:
         cfg.targets.format = TASK_FORMATS.get(cfg.task, TARGET_FORMATS)[0]  # unset: the task's default
     reported = {e.split(":", 1)[0] for e in errors}  # keys already wrong: no follow-on complaints
@@ -438,6 +463,11 @@ def _check(value: Any, tp: Any, key: str, errors: list[str], default: Any = None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, errors)
     origin = typing.get_origin(tp) or tp
+    if origin is list and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {_show(value)} — write one `- name: ...` entry per item")
+            return _BAD
+        return [_build(typing.get_args(tp)[0], v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
     if origin is dict:
         return _check_mapping(value, typing.get_args(tp), key, errors)
     ok = isinstance(value, origin) and not (origin in (int, float) and isinstance(value, bool))
@@ -467,7 +497,7 @@ def _check_mapping(value: Any, args: tuple, key: str, errors: list[str]) -> Any:
             continue
         if args:  # dict[str, float]: Ray resource amounts
             v = _check(v, args[1], f"{key}.{k}", errors)
-            if v is not _BAD and not v >= 0:
+            if v is not _BAD and isinstance(v, float) and not v >= 0:
                 errors.append(f"{key}.{k}: {_show(v)} is negative — resource amounts must be >= 0")
         out[k] = copy.deepcopy(v)
     return out if len(errors) == n else _BAD
@@ -488,7 +518,7 @@ def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) 
             out.append(f"{key}: {_show(v)} is not one of {', '.join(choices)} — {hint}"
                        f"e.g. {key}={choices[0]}")
     t, s, tr, r = cfg.teacher, cfg.student, cfg.train, cfg.refresh
-    if t.model is None:
+    if t.model is None and not cfg.teachers:
         out.append("teacher.model: missing — set it to a local model directory or a Hugging Face hub id")
     models = [("teacher.model", t.model), ("student.model", s.model)]
     out += [p for key, m in models if m is not None and check_paths and (p := _model_problem(key, m))]
@@ -511,6 +541,7 @@ def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) 
                    f"for the mass outside the draws) — set targets.format=topk, "
                    f"train.loss=forward_kl, or train.online=true")
     out += _temperature_problems(cfg)
+    out += _teachers_problems(cfg, check_paths)
     if cfg.data.format in DATA_FORMATS and cfg.data.format != "text" and cfg.task != "causal_lm":
         out.append(f"data.format: {cfg.data.format} examples (a loss mask over response tokens) are for task "
                    f"causal_lm, not {cfg.task} — use data.format=text, or task: causal_lm")
@@ -548,6 +579,73 @@ def _temperature_problems(cfg: Config) -> list[str]:
                 f"topk targets captured at targets.capture_temperature {tc:g} can be re-tempered to — keep "
                 "the temperatures in that range or capture at another targets.capture_temperature"]
     return []
+
+
+def _teachers_section(cfg: Config, d: Mapping) -> list[str]:
+    """`teachers:` replaces `teacher:`; `teacher` then mirrors teachers[0] (tokenizer, student init, eval)."""
+    if not cfg.teachers:
+        if "teachers" in d:
+            return ["teachers: empty list — list the teachers (- name: ..., model: ...), or use teacher:"]
+        return []
+    if "teacher" in d:
+        return ["teacher: set together with teachers: — use one: teacher: for one teacher, teachers: for "
+                "several (each entry takes every teacher.* key plus name and weight)"]
+    first = cfg.teachers[0]
+    cfg.teacher = TeacherConfig(**{f.name: copy.deepcopy(getattr(first, f.name))
+                                   for f in dataclasses.fields(TeacherConfig)})
+    return []
+
+
+def _teachers_problems(cfg: Config, check_paths: bool) -> list[str]:
+    """Each teacher entry's keys (the teacher.* rules), unique names, and routing against the names."""
+    out, seen = [], set()
+    if cfg.routing is not None and not cfg.teachers:
+        return ["routing: set without teachers: — routing picks one of several teachers per row; list them "
+                "under teachers:, or remove routing"]
+    for i, entry in enumerate(cfg.teachers):
+        key = f"teachers[{i}]"
+        for rule, (test, what, fix) in _RULES.items():
+            v = getattr(entry, rule.split(".", 1)[1]) if rule.startswith("teacher.") else None
+            if v is not None and not test(v):
+                out.append(f"{key}.{rule[8:]}: {_show(v)} {what} — {fix}")
+        if entry.dtype not in DTYPES:
+            out.append(f"{key}.dtype: {_show(entry.dtype)} is not one of {', '.join(DTYPES)} — e.g. {key}.dtype=float32")
+        if not entry.name or not TEACHER_NAME.match(entry.name) or entry.name == MIXTURE:
+            out.append(f"{key}.name: {_show(entry.name)} is not a usable name — give each teacher a name of "
+                       f"letters, digits, '_' or '-' (not {MIXTURE!r}), e.g. name: code")
+        elif entry.name in seen:
+            out.append(f"{key}.name: {entry.name!r} is used by an earlier teacher — teacher names must be unique")
+        seen.add(entry.name)
+        if not entry.weight > 0:
+            out.append(f"{key}.weight: {_show(entry.weight)} is not positive — use a mixture weight > 0 (default 1)")
+        if entry.model is None:
+            out.append(f"{key}.model: missing — set it to a local model directory or a Hugging Face hub id")
+        elif check_paths and (p := _model_problem(f"{key}.model", entry.model)):
+            out.append(p)
+    if not cfg.teachers:
+        return out
+    ro, names = cfg.routing, [e.name for e in cfg.teachers]
+    if ro is not None:
+        if not ro.column:
+            out.append("routing.column: missing — name the corpus column whose value picks each row's teacher")
+        for value, name in ro.teachers.items():
+            if name not in names:
+                out.append(f"routing.teachers.{value}: {name!r} is not a teacher — use one of {', '.join(names)}")
+        if ro.default is not None and ro.default not in names + [MIXTURE]:
+            out.append(f"routing.default: {ro.default!r} is not a teacher — use one of {', '.join(names)}, "
+                       f"{MIXTURE}, or null to refuse unmapped values")
+    mixed = ro is None or ro.default == MIXTURE
+    if mixed and len(cfg.teachers) > 1 and cfg.targets.format != "sampled":
+        out.append(f"targets.format: {cfg.targets.format} cannot hold a mixture of teachers (rows that no routing "
+                   f"value maps to one teacher) — a mixture is stored as stratified draws: set "
+                   f"targets.format=sampled, or route every row to one teacher (routing.default: <name>)")
+    if cfg.train.online:
+        out.append("train.online: runs one teacher inside the step — with teachers: use cached targets "
+                   "(train.online=false)")
+    if cfg.refresh.source == "on_policy" and cfg.refresh.policy != "none":
+        out.append("refresh.source: on_policy is not supported with teachers: yet — use refresh.source=teacher "
+                   "or resample")
+    return out
 
 
 def warmup_steps_for(train_cfg: TrainConfig, total_steps: int) -> int:

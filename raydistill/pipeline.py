@@ -31,17 +31,25 @@ def run(cfg) -> dict:
     info = preflight(cfg)
     clock.lap("preflight")
     init_ray(cfg)
-    check_resources(cfg)
+    for one in teacher_configs(cfg):  # each teacher's replicas are placed as its own entry says
+        check_resources(one)
     metrics = RunMetrics(cfg.run.name)
     out = output_dir(cfg)
     os.makedirs(out, exist_ok=True)
     clock.lap("ray_start")
     store = open_store(cfg, info)
     try:
-        inputs = build_inputs(cfg, store, info)
-        clock.lap("inputs")
-        first = None if cfg.train.online else score_pending(cfg, store, info, metrics)
-        passes = [first] if first else []
+        if cfg.teachers:  # several teachers: shards per routing group, one pass per teacher, then the mixes
+            from . import teachers
+
+            inputs = teachers.build_inputs(cfg, store, info)
+            clock.lap("inputs")
+            passes = teachers.score_pending(cfg, store, info, metrics)
+        else:
+            inputs = build_inputs(cfg, store, info)
+            clock.lap("inputs")
+            first = None if cfg.train.online else score_pending(cfg, store, info, metrics)
+            passes = [first] if first else []
         clock.lap("teacher_pass")
         state, total, refresh, result = train_student(cfg, store, info)
         students = {"student": export_student(result, cfg, out, "student")}
@@ -107,7 +115,18 @@ def preflight(cfg):
     problems = get_task(cfg).preflight()
     if problems:
         raise ConfigError(problems)
+    if cfg.teachers:
+        from .teachers import preflight as check_teachers
+
+        check_teachers(cfg, info)  # one vocabulary for every teacher; routing column and values
     return info
+
+
+def teacher_configs(cfg) -> list:
+    """The run's config once per teacher (`teachers.for_teacher`), or the run's config itself."""
+    from .teachers import for_teacher, names
+
+    return [for_teacher(cfg, n) for n in names(cfg)] if cfg.teachers else [cfg]
 
 
 def open_store(cfg, info):

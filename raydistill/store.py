@@ -51,6 +51,18 @@ handle it ships to its actors (the scheduler actor's refresh commits), because a
 keeps the token. A second job is refused, naming the holder and how to take over; a lease is
 taken over once it expired (its holder stopped renewing) or, on the same host, once its pid is gone
 (and by the holding process itself: a run re-run in one process).
+
+Several teachers (`teachers:`, raydistill/teachers.py). Every shard the trainer reads is an ordinary
+shard; which teacher(s) teach it is recorded under `state.teachers.groups` ({shard_id: teacher name
+| "mixture"}). A routed shard holds rows of one teacher only and its versions record that teacher's
+`teacher_rev` (and `teacher`: its name). A mixture shard has one *component* per teacher,
+`<shard_id>@<teacher>` (`component_id`): an ordinary shard entry of the manifest with its own
+versions, teacher_rev, produced_at_step and checksum, scoring the same input file; the shard's own
+current version is the mix of its components' current versions (its record: `teacher_rev`
+"mix:<hash>", `teachers` {name: {teacher_rev, version, produced_at_step}}, produced_at_step the
+oldest component's). Components are never trained on: `shard_ids`, `pending`, `ages` and
+`summary` leave them out unless asked; `verify_all`, `gc` and the version API treat them like any
+shard, so a damaged component is re-scored and old component versions are collected.
 """
 from __future__ import annotations
 
@@ -80,7 +92,8 @@ LEASE_TTL_S = 300.0   # a lease not renewed for this long may be taken over (hol
 MUTEX_STALE_S = 30.0  # a manifest update takes milliseconds: an older lock is a dead holder's
 RECORD_KEYS = ("rows", "checksum", "bytes", "teacher_rev", "format", "params",
                "produced_at_step", "policy_version")
-_SHARD_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+_SHARD_ID = re.compile(r"^[A-Za-z0-9._-]+(@[A-Za-z0-9_-]+)?$")  # "@<teacher>": a mixture component
+COMPONENT_SEP = "@"
 _VERSION_FILE = re.compile(r"^v(\d+)\.parquet$")
 # Object stores: a PUT is atomic, a "rename" is copy + delete, so the manifest is PUT directly.
 _OBJECT_STORES = {"s3", "gcs", "abfs"}
@@ -150,6 +163,20 @@ def _who(lease: dict) -> str:
 def target_params(targets: dict) -> tuple[str, dict]:
     """Split a targets dict {"format", **params} into (format, params) as stored in records."""
     return targets["format"], {k: v for k, v in targets.items() if k != "format"}
+
+
+def component_id(shard_id: str, teacher: str) -> str:
+    """The id of `teacher`'s component of mixture shard `shard_id` (see "Several teachers")."""
+    return f"{shard_id}{COMPONENT_SEP}{teacher}"
+
+
+def is_component(shard_id: str) -> bool:
+    return COMPONENT_SEP in shard_id
+
+
+def parent_id(shard_id: str) -> str:
+    """The mixture shard a component belongs to (a shard's own id for any other shard)."""
+    return shard_id.split(COMPONENT_SEP, 1)[0]
 
 
 def _describe(d: dict) -> str:
@@ -457,9 +484,12 @@ class SoftTargetStore:
         return bool(self.manifest()["inputs"].get("shards"))
 
     def shard_ids(self) -> list[str]:
-        """Every shard with recorded inputs or committed versions, sorted."""
-        m = self.manifest()
-        return sorted(set(m["inputs"].get("shards") or {}) | set(m["shards"]))
+        """Every shard with recorded inputs or committed versions, sorted (mixture components left out)."""
+        return self._trained_ids(self.manifest())
+
+    @staticmethod
+    def _trained_ids(m: dict) -> list[str]:
+        return sorted(s for s in set(m["inputs"].get("shards") or {}) | set(m["shards"]) if not is_component(s))
 
     def input_path(self, shard_id: str) -> str:
         shards = self.manifest()["inputs"].get("shards") or {}
@@ -618,13 +648,14 @@ class SoftTargetStore:
         return bad
 
     # ------------------------------------------------------------------ staleness
-    def pending(self, teacher_rev: str, targets: dict) -> list[str]:
+    def pending(self, teacher_rev: str, targets: dict, shard_ids: list[str] | None = None) -> list[str]:
         """Shards a pass for (teacher_rev, targets) must score: no current version, or another
-        teacher revision / format / params. What makes a pass resumable."""
+        teacher revision / format / params. What makes a pass resumable. `shard_ids`: look at these
+        (e.g. one teacher's shards and components) instead of every trained shard."""
         fmt, params = target_params(json.loads(json.dumps(targets)))
         m = self.manifest()
         out = []
-        for sid in sorted(set(m["inputs"].get("shards") or {}) | set(m["shards"])):
+        for sid in (sorted(shard_ids) if shard_ids is not None else self._trained_ids(m)):
             rec = self._current(m, sid)
             if (rec is None or rec["teacher_rev"] != teacher_rev or rec["format"] != fmt
                     or rec["params"] != params):
@@ -635,7 +666,7 @@ class SoftTargetStore:
         """{shard_id: step - produced_at_step} for shards with a current version."""
         m = self.manifest()
         return {sid: step - rec["produced_at_step"] for sid in sorted(m["shards"])
-                if (rec := self._current(m, sid)) is not None}
+                if not is_component(sid) and (rec := self._current(m, sid)) is not None}
 
     # ------------------------------------------------------------------ garbage collection
     def gc(self, keep: int = 2, *, tmp_grace_s: float = 3600.0) -> int:
@@ -698,13 +729,15 @@ class SoftTargetStore:
     def summary(self) -> dict:
         """Totals over current versions: shards, rows, bytes, tokens (if seq_len known), versions."""
         m = self.manifest()
-        cur = {sid: self._current(m, sid) for sid in sorted(set(m["inputs"].get("shards") or {})
-                                                            | set(m["shards"]))}
+        cur = {sid: self._current(m, sid) for sid in self._trained_ids(m)}
         live = {sid: r for sid, r in cur.items() if r is not None}
         rows = sum(r["rows"] for r in live.values())
         nbytes = sum(r["bytes"] for r in live.values())
         out = {"uri": self.uri, "shards": len(cur), "shards_current": len(live), "rows": rows,
                "bytes": nbytes, "current": {sid: (r["version"] if r else None) for sid, r in cur.items()}}
+        components = [r for sid in m["shards"] if is_component(sid) and (r := self._current(m, sid))]
+        if components:  # the teachers' own targets a mixture is drawn from (bytes beside the trained ones)
+            out["component_bytes"] = sum(r["bytes"] for r in components)
         seq_len = m["inputs"].get("info", {}).get("seq_len")
         if seq_len:
             out["tokens"] = rows * int(seq_len)

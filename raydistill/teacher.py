@@ -115,9 +115,11 @@ def task_seed(seed: int, shard_id: str, version: int) -> int:
 def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab_size: int, teacher_rev: str,
                      step: int = -1, source: str = "initial", seed: int = 0, inputs: dict | None = None,
                      policy_version: int = -1, max_replicas: int | None = None, metrics=None,
-                     on_commit=None, pool: "TeacherPool | None" = None) -> dict:
+                     on_commit=None, pool: "TeacherPool | None" = None, teacher: str | None = None) -> dict:
     """Score `shard_ids` with teacher replicas and commit each new version as it lands: a Ray Data
-    actor pool started for this pass, or `pool`'s long-lived replicas (refresh passes)."""
+    actor pool started for this pass, or `pool`'s long-lived replicas (refresh passes). `teacher`:
+    the name of one of several teachers (`cfg.teacher` is then that teacher: teachers.for_teacher),
+    recorded in every version it commits."""
     params = target_params(cfg.targets)
     stats = {"source": source, "step": step, "shards": 0, "rows": 0, "tokens": 0, "bytes": 0}
     start = time.perf_counter()
@@ -140,6 +142,8 @@ def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab
                   "teacher_rev": teacher_rev, "format": params["format"],
                   "params": {k: v for k, v in params.items() if k != "format"},
                   "produced_at_step": step, "policy_version": int(row["policy_version"]), "source": source}
+        if teacher is not None:
+            record["teacher"] = teacher
         store.commit(str(row["shard_id"]), int(row["version"]), record)
         stats["shards"] += 1
         stats["rows"] += record["rows"]
@@ -151,6 +155,8 @@ def run_teacher_pass(cfg, store: SoftTargetStore, shard_ids: list[str], *, vocab
         if on_commit is not None:
             on_commit(str(row["shard_id"]), record)
     seconds = time.perf_counter() - start
+    if teacher is not None:
+        stats["teacher"] = teacher
     return dict(stats, seconds=seconds, rows_per_s=stats["rows"] / seconds,
                 tokens_per_s=stats["tokens"] / seconds, replicas=replicas,
                 expected_shards=len(tasks), complete=stats["shards"] == len(tasks))

@@ -1,0 +1,405 @@
+"""Several teachers (`teachers:`): each row is taught by the teacher `routing` names for it, or by
+the weighted mixture of all of them; every teacher keeps its own replicas, revision and provenance.
+
+Which teacher teaches which row is decided per *shard*: the data phase packs the documents of one
+routing group (a teacher name, or "mixture" for every row no routing value maps to one teacher,
+and for every row when there is no `routing`) into shards of their own, so a packed window never
+mixes domains and a shard is scored by exactly the teachers it needs. The group of every shard is
+recorded in the store (`state.teachers.groups`); the layout is in `store.py`'s docstring:
+
+    routed shard   <group>-<n>          scored by its teacher only; each version records that
+                                        teacher's teacher_rev and name
+    mixture shard  <n> | mixture-<n>    one component per teacher, <shard>@<teacher>, each an
+                                        ordinary shard entry with its own versions, teacher_rev,
+                                        produced_at_step; the shard's own version is their mix
+
+Each teacher's pass is `teacher.run_teacher_pass` with that teacher as `cfg.teacher`
+(`for_teacher`): its own Ray Data actor pool, placement (`teachers[i].gpus_per_replica`,
+`resources`), dtype and batch size. What a teacher must score is `store.pending` over its routed
+shards and components, so a new revision of one teacher re-scores only what it teaches (and the
+mixes it is part of are re-drawn from the stored components: no other teacher runs again).
+
+The mix (`mix_sampled`, in the driver, no model): a mixture row holds `targets.samples` = N draws
+from each teacher (its component, a full-fidelity sample of that teacher alone); the mix keeps a
+uniformly chosen N_i of teacher i's N draws, N_i = N w_i / sum w (largest remainder), so the mixed
+counts are a stratified sample of m = sum_i (N_i / N) p_i: unbiased for m when N w_i / sum w are
+integers (a weight is otherwise realised to within 1/(2N)). label_logprob is exact:
+log sum_i w_i p_i(label). The stored entropy is sum_i w_i H(p_i), a lower bound of H(m) (H(m) needs
+both teachers' full distributions at one place): the *logged* kd value of a mixture row is then
+high by the teachers' generalised Jensen-Shannon divergence (at most H(w), log 2 for two equal
+weights); the gradient does not use it. topk / dense targets cannot be mixed this way (config refuses).
+
+What the student learns from a mixture row: forward KL to m. Because KL(m||q) = -H(m) - sum_v m log q
+and sum_i w_i KL(p_i||q) = -sum_i w_i H(p_i) - sum_v m log q, the two differ by a constant in q:
+the same gradient, so the mix is exactly "the weighted sum of per-teacher forward KLs". Reverse KL,
+JSD and TVD are not linear in the target: with a mixture they measure the divergence from m itself
+(mode-seeking towards m, not towards each teacher), which is what this store gives them — not
+sum_i w_i D(p_i, q).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import MIXTURE, TeacherConfig
+from .errors import ConfigError, StoreError
+from .log import log
+from .store import component_id, is_component, parent_id
+
+STATE_KEY = "teachers"
+
+
+# ---------------------------------------------------------------- the config's teachers
+
+def names(cfg) -> list[str]:
+    return [e.name for e in cfg.teachers]
+
+
+def weights(cfg) -> dict[str, float]:
+    return {e.name: float(e.weight) for e in cfg.teachers}
+
+
+def for_teacher(cfg, name: str):
+    """The run's config with `name` as its one teacher: what teacher.py, the refresh pool and
+    evaluation take (they read `cfg.teacher`)."""
+    entry = next(e for e in cfg.teachers if e.name == name)
+    teacher = TeacherConfig(**{f.name: getattr(entry, f.name) for f in dataclasses.fields(TeacherConfig)})
+    return dataclasses.replace(cfg, teacher=teacher, teachers=[], routing=None)
+
+
+def revisions(cfg) -> dict[str, str]:
+    """{teacher name: teacher_rev}: re-read at every pass, so a new checkpoint at a teacher's path
+    is a new revision of that teacher only."""
+    from .models import model_revision
+
+    return {e.name: model_revision(e.model, e.revision) for e in cfg.teachers}
+
+
+def routing_key(cfg) -> dict | None:
+    """The routing as recorded with the inputs: a store built with another routing is refused."""
+    ro = cfg.routing
+    return None if ro is None else {"column": ro.column, "teachers": dict(sorted(ro.teachers.items())),
+                                    "default": ro.default}
+
+
+# ---------------------------------------------------------------- before Ray starts
+
+def preflight(cfg, info) -> None:
+    """Every teacher loads safely and shares the first teacher's (and so the student's) vocabulary;
+    the routing column exists and every value has a teacher. One ConfigError listing every problem."""
+    from .models import (check_weights, load_config, load_tokenizer, max_positions,
+                         tokenizer_fingerprint)
+
+    problems, first = [], cfg.teachers[0]
+    for i, e in enumerate(cfg.teachers[1:], 1):
+        key = f"teachers[{i}].model"
+        check_weights(e.model, allow_pickle_weights=e.allow_pickle_weights, key=key)
+        conf = load_config(e.model, trust_remote_code=e.trust_remote_code, revision=e.revision, key=key)
+        fp = tokenizer_fingerprint(load_tokenizer(e.model, trust_remote_code=e.trust_remote_code,
+                                                  revision=e.revision, key=key), e.model)
+        if int(conf.vocab_size) != info.vocab_size or fp["hash"] != info.tokenizer["hash"]:
+            problems.append(
+                f"{key}: the vocabulary of teacher {e.name!r} ({e.model}: {fp['vocab_size']} tokens, model vocab "
+                f"{conf.vocab_size}, {fp['hash']}) differs from teacher {first.name!r}'s ({first.model}: "
+                f"{info.tokenizer['vocab_size']} tokens, model vocab {info.vocab_size}, {info.tokenizer['hash']}) "
+                "— every teacher and the student must share one tokenizer for logit distillation: use "
+                "teachers of one model family")
+        n_pos = max_positions(conf)
+        if n_pos is not None and cfg.data.seq_len > n_pos:
+            problems.append(f"data.seq_len: {cfg.data.seq_len} exceeds the maximum of {n_pos} positions of "
+                            f"teacher {e.name!r} ({e.model}) — use data.seq_len<={n_pos}")
+    if cfg.routing is not None:
+        problems += _routing_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _value_key(v) -> str:
+    """A routing value as `routing.teachers` spells it (YAML keys are strings)."""
+    return "null" if v is None else str(v)
+
+
+def _corpus_table(cfg, columns: list[str] | None) -> pa.Table:
+    """The corpus (its first data.max_rows rows) read in the driver, `columns` only if given. The
+    routing column has to be seen whole before Ray starts (unmapped values are refused)."""
+    import pyarrow.json as pajson
+
+    from .data import resolve_corpus
+
+    fs, files, fmt = resolve_corpus(cfg.data)
+    opener, parts, left = fs.open if fs is not None else open, [], cfg.data.max_rows or float("inf")
+    for path in files:
+        with opener(path, "rb") as f:
+            table = pq.read_table(f) if fmt == "parquet" else pajson.read_json(f)
+        missing = [c for c in columns or [] if c not in table.column_names]
+        if missing and table.num_rows:
+            raise ConfigError([f"routing.column: column {missing[0]!r} is not in {path} (columns: "
+                               f"{', '.join(table.column_names[:10])}) — set routing.column to the column "
+                               "that names each row's domain"])
+        table = table.select(columns) if columns else table
+        parts.append(table.slice(0, int(min(left, table.num_rows))))
+        left -= parts[-1].num_rows
+        if left <= 0:
+            break
+    return pa.concat_tables(parts, promote_options="default")
+
+
+def row_groups(cfg, table: pa.Table) -> list[str | None]:
+    """Each corpus row's group: the teacher its routing value names, routing.default, or None."""
+    ro = cfg.routing
+    return [ro.teachers.get(_value_key(v), ro.default) for v in table.column(ro.column).to_pylist()]
+
+
+def _routing_problems(cfg) -> list[str]:
+    ro = cfg.routing
+    try:
+        table = _corpus_table(cfg, [ro.column])
+    except ConfigError as e:
+        return list(e.errors)
+    values = [_value_key(v) for v, g in zip(table.column(ro.column).to_pylist(), row_groups(cfg, table)) if g is None]
+    if not values:
+        return []
+    distinct = sorted(set(values))
+    few = ", ".join(repr(v) for v in distinct[:8]) + (f" (+{len(distinct) - 8} more)" if len(distinct) > 8 else "")
+    return [f"routing.teachers: {len(values)} row(s) of column {ro.column!r} have values no teacher is named for "
+            f"({few}) and routing.default is not set — map them under routing.teachers, or set routing.default "
+            f"to a teacher name or {MIXTURE}"]
+
+
+# ---------------------------------------------------------------- the data phase
+
+class _GroupInputs:
+    """The store as `data.build_inputs` sees it while it builds one routing group's inputs: files go
+    into the run's store under group-prefixed names, seq_ids are offset so groups never share one,
+    and what it records is kept here for the caller to record once for all groups."""
+
+    def __init__(self, store, group: str, base: int):
+        self.store, self.group, self.base = store, group, base
+        self.shards, self.info, self.eval = {}, {}, None
+
+    def has_inputs(self) -> bool:
+        return False
+
+    def write_file(self, rel: str, table: pa.Table) -> dict:
+        table = table.set_column(0, "seq_id", pc.add(table.column("seq_id"), pa.scalar(self.base, pa.int64())))
+        if rel.startswith("inputs/train/"):
+            rel = f"inputs/train/{self.group}-{rel.rsplit('/', 1)[1]}"
+        else:
+            rel, self.eval = f"inputs/eval-{self.group}.parquet", table
+        return self.store.write_file(rel, table)
+
+    def record_inputs(self, shards: dict, eval_path, info: dict, eval_checksum=None) -> None:
+        self.shards = {f"{self.group}-{sid}": rec for sid, rec in shards.items()}
+        self.info = dict(info, eval=eval_path, eval_checksum=eval_checksum)
+
+
+def build_inputs(cfg, store, info) -> dict:
+    """The data phase of a run with several teachers: without routing, the one-teacher inputs (every
+    shard a mixture shard); with routing, one set of shards per routing group. Records each shard's
+    group in the store; a re-run with the same corpus and routing reuses everything."""
+    from . import data
+
+    recorded = data.check_recorded_inputs(cfg, store, info)
+    if recorded is not None:
+        if recorded.get("routing") != routing_key(cfg):
+            raise StoreError(f"targets.store: {store.uri} was built with routing {recorded.get('routing')}, this run "
+                             f"routes {routing_key(cfg)} — use another targets.store or delete it")
+        out, groups = dict(recorded, skipped=True), shard_groups(store)
+    elif cfg.routing is None:
+        out, groups = data.build_inputs(cfg, store, info), {}
+    else:
+        out, groups = _build_routed(cfg, store, info)
+    # Without routing every shard is a mixture shard (also those of a store a one-teacher run built).
+    groups = groups or {sid: MIXTURE for sid in store.shard_ids()}
+    store.update_state(STATE_KEY, {"groups": groups, "weights": weights(cfg), "routing": routing_key(cfg)})
+    return out
+
+
+def _build_routed(cfg, store, info) -> tuple[dict, dict[str, str]]:
+    """Each routing group's documents packed into shards of their own (`data.build_inputs` run per
+    group on a Parquet file of its rows), then recorded in the store as one set of inputs.
+    Returns (what was recorded, {shard_id: group})."""
+    from . import data
+
+    table = _corpus_table(cfg, None)
+    row_group = row_groups(cfg, table)
+    views, counts = [], {"docs": 0, "skipped_rows": 0, "train_rows": 0, "eval_rows": 0}
+    with tempfile.TemporaryDirectory(prefix="raydistill-routing-") as tmp:
+        for i, group in enumerate(sorted(set(row_group))):
+            path = os.path.join(tmp, f"{group}.parquet")
+            pq.write_table(table.take([j for j, g in enumerate(row_group) if g == group]), path)
+            sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path, max_rows=None))
+            view = _GroupInputs(store, group, base=i << 40)
+            try:
+                data.build_inputs(sub, view, info)
+            except ConfigError as e:
+                raise ConfigError([f"routing: the rows routed to {group!r} — {p}" for p in e.errors]) from None
+            views.append(view)
+            for k in counts:
+                counts[k] += int(view.info.get(k, 0))
+    evals = [v.eval for v in views if v.eval is not None and v.eval.num_rows]
+    eval_table = pa.concat_tables(evals) if evals else views[0].eval
+    written = store.write_file("inputs/eval.parquet", eval_table)
+    fs, files, _ = data.resolve_corpus(cfg.data)
+    recorded = dict(counts, fingerprint=data.corpus_fingerprint(fs, files, cfg.data, info.tokenizer["hash"]),
+                    data_path=cfg.data.path, seq_len=cfg.data.seq_len, files=len(files),
+                    shards=sum(len(v.shards) for v in views), routing=routing_key(cfg),
+                    groups={v.group: {k: v.info.get(k) for k in ("train_rows", "eval_rows", "docs", "eval")}
+                            for v in views})
+    store.record_inputs({sid: rec for v in views for sid, rec in v.shards.items()}, written["path"], recorded,
+                        eval_checksum=written["checksum"])
+    return dict(recorded, skipped=False), {sid: v.group for v in views for sid in v.shards}
+
+
+# ---------------------------------------------------------------- what each teacher scores
+
+def shard_groups(store) -> dict[str, str]:
+    """{shard_id: teacher name | "mixture"} as the data phase recorded it."""
+    return dict((store.state(STATE_KEY) or {}).get("groups") or {})
+
+
+def taught_by(groups: dict[str, str], name: str) -> list[str]:
+    """The store entries teacher `name` scores: its routed shards and its mixture components."""
+    return sorted([sid for sid, g in groups.items() if g == name] +
+                  [component_id(sid, name) for sid, g in groups.items() if g == MIXTURE])
+
+
+def score_pending(cfg, store, info, metrics=None, *, step: int = -1, source: str = "initial",
+                  seed: int | None = None, only: list[str] | None = None, pool_for=None,
+                  on_commit=None) -> list[dict]:
+    """Each teacher's pass over what it teaches that has no current version of its revision (or,
+    with `only`, over those shards whatever their version: a refresh), then the mixes whose
+    components changed. Returns one stats dict per teacher that scored something (each with
+    "teacher"), plus one for the mixes ("teacher": "mixture") when any was drawn.
+    `pool_for(name, teacher_rev)`: long-lived replicas (refresh) instead of a Ray Data pool."""
+    from .cluster import wait_for_nodes
+    from .teacher import run_teacher_pass, target_params
+
+    params, revs = target_params(cfg.targets), revisions(cfg)
+    if only is None:
+        for sid, reason in store.verify_all().items():  # components too: a damaged one is re-scored
+            log(f"shard {sid} is damaged ({reason}); it will be re-scored")
+            store.invalidate(sid, reason)
+    groups = shard_groups(store)
+    inputs = store.manifest()["inputs"]["shards"]
+    passes = []
+    for name in names(cfg):
+        mine = taught_by(groups, name)
+        todo = store.pending(revs[name], params, mine) if only is None else \
+            [s for s in mine if parent_id(s) in only]
+        if not todo:
+            continue
+        one = for_teacher(cfg, name)
+        if pool_for is None:
+            wait_for_nodes(one, "teacher")
+        log(f"teacher {name}: pass over {len(todo)} of the {len(mine)} shards and components it teaches")
+        passes.append(run_teacher_pass(
+            one, store, todo, vocab_size=info.vocab_size, teacher_rev=revs[name], step=step, source=source,
+            seed=cfg.run.seed if seed is None else seed, metrics=metrics, teacher=name,
+            inputs={c: inputs[parent_id(c)]["input"] for c in todo if is_component(c)},
+            pool=pool_for(name, revs[name]) if pool_for is not None else None))
+    mixed = mix_pending(cfg, store, info.vocab_size, groups, on_commit=on_commit)
+    if mixed["shards"]:
+        passes.append(mixed)
+    return passes
+
+
+# ---------------------------------------------------------------- the mixture
+
+def mix_revision(components: dict[str, dict], weights_: dict[str, float]) -> str:
+    """The teacher_rev of a mix: which version of which teacher's targets, at which weight."""
+    key = [[n, c["teacher_rev"], int(c["version"]), weights_[n]] for n, c in sorted(components.items())]
+    return "mix:" + hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def mix_pending(cfg, store, vocab_size: int, groups: dict[str, str], on_commit=None) -> dict:
+    """Draw the mix of every mixture shard whose current version is not the mix of its components'
+    current versions (a component was re-scored); shards with a component missing wait."""
+    import time
+
+    from .teacher import target_params, task_seed
+    from .targets import build_table
+    from .tasks.base import int_matrix
+
+    start, stats = time.perf_counter(), {"teacher": MIXTURE, "source": "mixture", "shards": 0, "rows": 0,
+                                         "tokens": 0, "bytes": 0}
+    fmt, w = target_params(cfg.targets)["format"], weights(cfg)
+    params = {k: v for k, v in target_params(cfg.targets).items() if k != "format"}
+    for sid in sorted(s for s, g in groups.items() if g == MIXTURE):
+        comps = {n: store.current(component_id(sid, n)) for n in names(cfg)}
+        if any(c is None for c in comps.values()):
+            continue
+        rev, cur = mix_revision(comps, w), store.current(sid)
+        if cur is not None and cur["teacher_rev"] == rev and cur["format"] == fmt and cur["params"] == params:
+            continue
+        tables = [store.read_shard(component_id(sid, n)) for n in comps]
+        version = store.next_version(sid)
+        rng = np.random.default_rng(task_seed(cfg.run.seed, sid, version))
+        first = tables[0]
+        table = build_table(mix_sampled(tables, [w[n] for n in comps], cfg.targets.samples, rng),
+                            seq_id=first.column("seq_id").to_numpy(), input_ids=int_matrix(first.column("input_ids")),
+                            policy_version=first.column("policy_version").to_numpy(), fmt=fmt, vocab_size=vocab_size)
+        written = store.write_shard(sid, version, table)
+        record = {"rows": written["rows"], "checksum": written["checksum"], "bytes": written["bytes"],
+                  "teacher_rev": rev, "format": fmt, "params": params, "source": "mixture",
+                  "produced_at_step": min(int(c["produced_at_step"]) for c in comps.values()),
+                  "policy_version": -1,
+                  "teachers": {n: {k: c[k] for k in ("teacher_rev", "version", "produced_at_step")}
+                               for n, c in comps.items()}}
+        store.commit(sid, version, record)
+        if on_commit is not None:
+            on_commit(sid, record)
+        stats["shards"] += 1
+        stats["rows"] += record["rows"]
+        stats["bytes"] += record["bytes"]
+    seconds = time.perf_counter() - start
+    return dict(stats, seconds=seconds, rows_per_s=stats["rows"] / max(seconds, 1e-9), tokens_per_s=0.0)
+
+
+def allocate(weights_: list[float], n: int) -> list[int]:
+    """n draws split in proportion to the weights, largest remainder first (they sum to n)."""
+    exact = np.asarray(weights_, dtype=np.float64) * n / float(sum(weights_))
+    out = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - out), kind="stable")[: n - int(out.sum())]:
+        out[i] += 1
+    return out.tolist()
+
+
+def _list_values(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
+def mix_sampled(tables: list[pa.Table], weights_: list[float], samples: int, rng: np.random.Generator) -> dict:
+    """The `sampled` columns of the mix of teachers' shards of the same rows (see the module doc):
+    per position, a uniform choice of N_i of teacher i's `samples` draws (`allocate`)."""
+    rows = tables[0].num_rows
+    parts = []
+    for table, n in zip(tables, allocate(weights_, samples)):
+        ids = _list_values(table, "sample_ids").astype(np.int64)
+        draws = np.repeat(ids, _list_values(table, "sample_counts").astype(np.int64)).reshape(-1, samples)
+        keep = np.argsort(rng.random(draws.shape), axis=1)[:, :n]
+        parts.append(np.take_along_axis(draws, keep, axis=1))
+    draws = np.sort(np.concatenate(parts, axis=1), axis=1)                      # [positions, samples]
+    new = np.ones(draws.shape, dtype=bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    starts = np.flatnonzero(new)
+    counts = np.diff(starts, append=draws.size)
+    lens = new.sum(1).reshape(rows, -1)
+    cuts = np.cumsum(lens.sum(1))[:-1]
+    w = np.asarray(weights_, dtype=np.float64) / float(sum(weights_))
+    label = np.stack([_list_values(t, "label_logprob").astype(np.float64) for t in tables])   # [teachers, P]
+    mixed_label = np.log(np.maximum((w[:, None] * np.exp(label)).sum(0), 1e-300))
+    entropy = sum(wi * _list_values(t, "entropy").astype(np.float64) for wi, t in zip(w, tables))
+    tc = tables[0].column("capture_temperature").to_numpy()
+    return {"capture_temperature": list(tc),
+            "label_logprob": list(np.clip(mixed_label, -65504, 0).astype(np.float16).reshape(rows, -1)),
+            "sample_ids": np.split(draws[new], cuts), "sample_counts": np.split(counts, cuts),
+            "sample_len": list(lens), "entropy": list(np.clip(entropy, 0, 65504).astype(np.float16).reshape(rows, -1))}
