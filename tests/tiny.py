@@ -124,3 +124,33 @@ def make_bert_classifier(out_dir: str | None, tokenizer, labels: list[str], n_la
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     return model
+
+
+# ---- instruction data (raydistill.instruct): a chat template and prompt / response examples
+
+# A ChatML-like template for the tiny byte-level tokenizer (which has no chat template of its own).
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# The same with {% generation %} markers, so that transformers' return_assistant_tokens_mask works.
+CHAT_TEMPLATE_GENERATION = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|endoftext|>{% endgeneration %}{% else %}{{ m['content'] }}<|endoftext|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def example_pairs(n: int = 120, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of pseudo-sentences, prompts up to 10 words, responses up to 12."""
+    texts = corpus_texts(2 * n, seed)
+    return [(" ".join(texts[2 * i].split()[:10]), " ".join(texts[2 * i + 1].split()[:12])) for i in range(n)]
+
+
+def write_examples(path: str, pairs: list[tuple[str, str]], kind: str = "prompt_response") -> str:
+    """A Parquet corpus of examples: prompt/response columns, or a `messages` list of {role, content}."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if kind == "chat":
+        table = pa.table({"messages": [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                                       for p, r in pairs]})
+    else:
+        table = pa.table({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]})
+    pq.write_table(table, path)
+    return path
