@@ -44,7 +44,7 @@ def run(cfg) -> dict:
 
             inputs = teachers.build_inputs(cfg, store, info)
             clock.lap("inputs")
-            passes = teachers.score_pending(cfg, store, info, metrics)
+            passes = teachers.score_pending(cfg, store, info.vocab_size, metrics)
         else:
             inputs = build_inputs(cfg, store, info)
             clock.lap("inputs")

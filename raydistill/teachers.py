@@ -272,14 +272,15 @@ def taught_by(groups: dict[str, str], name: str) -> list[str]:
                   [component_id(sid, name) for sid, g in groups.items() if g == MIXTURE])
 
 
-def score_pending(cfg, store, info, metrics=None, *, step: int = -1, source: str = "initial",
+def score_pending(cfg, store, vocab_size: int, metrics=None, *, step: int = -1, source: str = "initial",
                   seed: int | None = None, only: list[str] | None = None, pool_for=None,
                   on_commit=None) -> list[dict]:
     """Each teacher's pass over what it teaches that has no current version of its revision (or,
     with `only`, over those shards whatever their version: a refresh), then the mixes whose
     components changed. Returns one stats dict per teacher that scored something (each with
     "teacher"), plus one for the mixes ("teacher": "mixture") when any was drawn.
-    `pool_for(name, teacher_rev)`: long-lived replicas (refresh) instead of a Ray Data pool."""
+    `pool_for(teacher_rev, name)`: long-lived replicas (refresh) instead of a Ray Data pool;
+    `on_commit(shard_id, record)` hears every trained shard committed (routed or mixed)."""
     from .cluster import wait_for_nodes
     from .teacher import run_teacher_pass, target_params
 
@@ -291,6 +292,11 @@ def score_pending(cfg, store, info, metrics=None, *, step: int = -1, source: str
     groups = shard_groups(store)
     inputs = store.manifest()["inputs"]["shards"]
     passes = []
+
+    def trained(sid, record):  # a component's commit is not a new version of anything trained on
+        if on_commit is not None and not is_component(sid):
+            on_commit(sid, record)
+
     for name in names(cfg):
         mine = taught_by(groups, name)
         todo = store.pending(revs[name], params, mine) if only is None else \
@@ -302,14 +308,33 @@ def score_pending(cfg, store, info, metrics=None, *, step: int = -1, source: str
             wait_for_nodes(one, "teacher")
         log(f"teacher {name}: pass over {len(todo)} of the {len(mine)} shards and components it teaches")
         passes.append(run_teacher_pass(
-            one, store, todo, vocab_size=info.vocab_size, teacher_rev=revs[name], step=step, source=source,
-            seed=cfg.run.seed if seed is None else seed, metrics=metrics, teacher=name,
+            one, store, todo, vocab_size=vocab_size, teacher_rev=revs[name], step=step, source=source,
+            seed=cfg.run.seed if seed is None else seed, metrics=metrics, teacher=name, on_commit=trained,
             inputs={c: inputs[parent_id(c)]["input"] for c in todo if is_component(c)},
-            pool=pool_for(name, revs[name]) if pool_for is not None else None))
-    mixed = mix_pending(cfg, store, info.vocab_size, groups, on_commit=on_commit)
+            pool=pool_for(revs[name], name) if pool_for is not None else None))
+    mixed = mix_pending(cfg, store, vocab_size, groups, on_commit=on_commit)
     if mixed["shards"]:
         passes.append(mixed)
     return passes
+
+
+def refresh_pass(cfg, store, decision, on_commit, *, pool_for, vocab_size: int, seed: int, metrics=None) -> dict:
+    """A refresh pass (refresh/passes.py) over `decision.shard_ids`: each shard re-scored by the
+    teacher(s) it has, on their long-lived pools, mixture shards re-mixed. Stats as the scheduler
+    logs them: rows = trained rows refreshed, tokens = teacher compute (every teacher's tokens)."""
+    passes = score_pending(cfg, store, vocab_size, metrics, step=decision.step, source=cfg.refresh.source,
+                           seed=seed, only=list(decision.shard_ids), pool_for=pool_for, on_commit=on_commit)
+    scored = [p for p in passes if p["teacher"] != MIXTURE]
+    mixed = next((p for p in passes if p["teacher"] == MIXTURE), {"rows": 0, "shards": 0})
+    groups = shard_groups(store)
+    n_mixture = sum(groups.get(s) == MIXTURE for s in decision.shard_ids)
+    # Each teacher scored its routed rows plus every mixture row: count a mixture row once.
+    rows = sum(p["rows"] for p in scored) - mixed["rows"] * (len(names(cfg)) - 1)
+    return {"rows": rows, "tokens": sum(p["tokens"] for p in scored), "seconds": sum(p["seconds"] for p in passes),
+            "shards": len(decision.shard_ids), "replicas": sum(p.get("replicas", 0) for p in scored),
+            "complete": all(p.get("complete", True) for p in scored) and mixed["shards"] == n_mixture,
+            "teacher_rev": json.dumps(revisions(cfg), sort_keys=True),
+            "teachers": {p["teacher"]: {k: p[k] for k in ("rows", "tokens", "seconds")} for p in passes}}
 
 
 # ---------------------------------------------------------------- the mixture

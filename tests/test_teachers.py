@@ -82,7 +82,7 @@ def built(ray_session, models, corpus, tmp_path_factory):
     info = pipeline.preflight(cfg)
     store = pipeline.open_store(cfg, info)
     inputs = teachers.build_inputs(cfg, store, info)
-    passes = teachers.score_pending(cfg, store, info)
+    passes = teachers.score_pending(cfg, store, info.vocab_size)
     yield {"cfg": cfg, "info": info, "store": store, "inputs": inputs, "passes": passes}
     store.release_lease()
 
@@ -201,7 +201,48 @@ def test_mixture_targets_equal_the_weighted_mixture(built, models):
 def test_a_rerun_scores_nothing(built):
     from raydistill import teachers
 
-    assert teachers.score_pending(built["cfg"], built["store"], built["info"]) == []
+    assert teachers.score_pending(built["cfg"], built["store"], built["info"].vocab_size) == []
+
+
+@pytest.mark.slow
+def test_refresh_rescores_each_shard_with_its_own_teachers(built):
+    """A refresh pass (real scheduler, a long-lived pool per teacher) re-scores each chosen shard with
+    the teacher(s) it has and re-mixes the mixture shards; the others keep their versions."""
+    import dataclasses
+
+    from raydistill import teachers
+    from raydistill.refresh import RefreshScheduler
+
+    store, info = built["store"], built["info"]
+    cfg = dataclasses.replace(built["cfg"], refresh=dataclasses.replace(
+        built["cfg"].refresh, policy="round_robin", fraction=0.5, every_steps=2, source="resample"))
+    groups = teachers.shard_groups(store)
+    before = {s: store.current(s)["version"] for s in store.manifest()["shards"]}
+    s = RefreshScheduler(cfg, store, vocab_size=info.vocab_size, background=False, persist_every_s=0)
+    try:
+        assert s.shard_ids == sorted(groups)                   # components are not the scheduler's shards
+        for step in (1, 2):
+            s.on_step(step)
+        st = s.status()
+        assert st["passes"] == 1 and st["failed_passes"] == 0 and st["pool_replicas"] == 2
+    finally:
+        s.close_pool()
+    chosen = {sid for sid in groups if store.current(sid)["produced_at_step"] == 2}
+    assert len(chosen) == math.ceil(0.5 * len(groups))
+    want = chosen | {component_id(c, n) for c in chosen if groups[c] == "mixture" for n in WEIGHTS}
+    changed = {x for x, v in before.items() if store.current(x)["version"] != v}
+    assert changed == want
+    for sid in chosen:
+        rec = store.current(sid)
+        if groups[sid] == "mixture":
+            assert {n: p["produced_at_step"] for n, p in rec["teachers"].items()} == {n: 2 for n in WEIGHTS}
+        else:
+            assert rec["teacher"] == groups[sid] and rec["source"] == "resample"
+    log = st["pass_log"][-1]
+    n_rows = sum(store.current(x)["rows"] for x in chosen)
+    assert log["rows"] == n_rows and log["ok"]
+    assert log["tokens"] == SEQ_LEN * sum(store.current(x)["rows"] for x in want if x not in groups or
+                                          groups[x] != "mixture")
 
 
 @pytest.mark.slow
@@ -216,7 +257,7 @@ def test_new_revision_of_one_teacher_rescores_only_its_rows(built, models):
     from transformers import AutoTokenizer
 
     _peaked_gpt2(str(models / "prose"), AutoTokenizer.from_pretrained(str(models / "tok")), seed=14, scale=20.0)
-    passes = teachers.score_pending(cfg, store, built["info"])
+    passes = teachers.score_pending(cfg, store, built["info"].vocab_size)
     assert [p["teacher"] for p in passes] == ["prose", "mixture"]
     after = {s: store.current(s)["version"] for s in store.manifest()["shards"]}
     changed = {s for s in after if after[s] != before[s]}

@@ -76,7 +76,13 @@ class _RemoteRefreshScheduler(RefreshScheduler):
 
         super().__init__(cfg, store, **kwargs)
         if self.policy is not None:  # the replicas load the teacher while training starts, not at pass 1
-            self._teacher_pool(model_revision(cfg.teacher.model, cfg.teacher.revision))
+            if cfg.teachers:  # several teachers: a pool each
+                from ..teachers import revisions
+
+                for name, rev in revisions(cfg).items():
+                    self._teacher_pool(rev, name)
+            else:
+                self._teacher_pool(model_revision(cfg.teacher.model, cfg.teacher.revision))
 
 
 def start_scheduler(cfg, store, info, name: str, namespace: str | None = None, *,

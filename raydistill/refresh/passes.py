@@ -27,6 +27,11 @@ def teacher_pass(cfg, store, decision, on_commit, *, pool_for, vocab_size: int, 
     from .on_policy import generate_policy_inputs, prune_policy_inputs
 
     r = cfg.refresh
+    if cfg.teachers:  # several teachers: each shard re-scored by its teacher(s) on their pools, then re-mixed
+        from ..teachers import refresh_pass
+
+        return refresh_pass(cfg, store, decision, on_commit, pool_for=pool_for, vocab_size=vocab_size,
+                            seed=pass_seed(cfg, decision.step), metrics=metrics)
     teacher_rev = model_revision(cfg.teacher.model, cfg.teacher.revision)  # a new checkpoint → new rev
     inputs, policy_version, extra = None, -1, {}
     if r.source == "on_policy":

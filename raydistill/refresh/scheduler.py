@@ -146,7 +146,7 @@ class RefreshScheduler:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)   # a commit landed, or the phase moved
         self._thread: threading.Thread | None = None
-        self._pool = None
+        self._pools: dict = {}  # long-lived refresh replicas by teacher name (None: the run's one teacher)
         self._last_persist = 0.0
         self._dirty = False
         self._draining = False
@@ -158,7 +158,7 @@ class RefreshScheduler:
         self.metrics = metrics
 
         m = store.manifest()
-        self.shard_ids = sorted(set(m["inputs"].get("shards") or {}) | set(m["shards"]))
+        self.shard_ids = store._trained_ids(m)  # the shards training reads (no mixture components)
         self.produced: dict[str, int | None] = {}
         for sid in self.shard_ids:
             rec = store._current(m, sid)
@@ -458,13 +458,16 @@ class RefreshScheduler:
     def _maybe_grow(self) -> None:
         """One more replica when training waited too long over the last passes (up to max_replicas)."""
         share = window_stall_share(self.state.pass_log, GROWTH_WINDOW)
-        r, pool = self.cfg.refresh, self._pool
-        if pool is None or share <= r.max_stall_share or pool.size >= r.max_replicas:
+        r = self.cfg.refresh
+        pools = [p for p in self._pools.values() if p.size < r.max_replicas]
+        if not pools or share <= r.max_stall_share:
             return
-        pool.grow(1)
-        self.state.pool_size = pool.size
+        for pool in pools:  # several teachers: each teacher's pool (a pass waits for the slowest)
+            pool.grow(1)
+        self.state.pool_size = max(p.size for p in self._pools.values())
         log(f"refresh: training waited {share:.0%} of the time over the last passes (> refresh.max_stall_share "
-            f"{r.max_stall_share:g}): the refresh pool grows to {pool.size} replica(s) of {r.max_replicas}")
+            f"{r.max_stall_share:g}): the refresh pool grows to {self.state.pool_size} replica(s) of "
+            f"{r.max_replicas}")
 
     def _record_ages(self, step: int) -> None:
         known = [step - p for p in self.produced.values() if p is not None]
@@ -525,33 +528,42 @@ class RefreshScheduler:
                     "max_age_seen": st.max_age_seen,
                     **bound_figures(st, fraction=self.fraction, every=self.every, max_age=self.max_age,
                                     has_policy=self.policy is not None),
-                    "pool_replicas": self._pool.size if self._pool is not None else st.pool_size,
+                    "pool_replicas": sum(p.size for p in self._pools.values()) or st.pool_size,
                     "restarts": st.restarts, "last_step": st.last_step, "phase": self.phase.name,
                     "in_flight": st.in_flight, "shards": len(self.shard_ids), "error": self.fatal,
                     "ages": [{"step": a[0], "max_age": a[1], "mean_age": a[2]} for a in st.ages],
                     "pass_log": [dict(p) for p in st.pass_log]}
 
     # ------------------------------------------------------------ the real pass
-    def _teacher_pool(self, teacher_rev: str):
-        """The long-lived refresh replicas, reloaded only when the teacher revision changes."""
+    @property
+    def _pool(self):
+        """The one teacher's refresh pool (None before the first pass)."""
+        return self._pools.get(None)
+
+    def _teacher_pool(self, teacher_rev: str, name: str | None = None):
+        """The long-lived refresh replicas of the teacher (`name`: one of several, placed as its own
+        entry says), reloaded only when that teacher's revision changes."""
         from .pool import TeacherPool
 
-        pool = self._pool
+        pool = self._pools.get(name)
         if pool is not None and pool.teacher_rev != teacher_rev:
             pool.close()
             pool = None
         if pool is None:
-            size = max(min(self.cfg.teacher.replicas, self.cfg.refresh.max_replicas), self.state.pool_size)
-            pool = self._pool = TeacherPool(self.cfg, self.store, vocab_size=self.vocab_size, size=size,
-                                            teacher_rev=teacher_rev,
-                                            place_timeout_s=self.cfg.run.resource_wait_s,
-                                            fault=self.teacher_fault)
-            self.state.pool_size = pool.size
+            from ..teachers import for_teacher
+
+            cfg = self.cfg if name is None else for_teacher(self.cfg, name)
+            size = max(min(cfg.teacher.replicas, self.cfg.refresh.max_replicas), self.state.pool_size)
+            pool = self._pools[name] = TeacherPool(cfg, self.store, vocab_size=self.vocab_size, size=size,
+                                                   teacher_rev=teacher_rev,
+                                                   place_timeout_s=self.cfg.run.resource_wait_s,
+                                                   fault=self.teacher_fault)
+            self.state.pool_size = max(p.size for p in self._pools.values())
         return pool
 
     def close_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
             pool.close()
 
     def _teacher_pass(self, decision: RefreshDecision, on_commit) -> dict:
