@@ -18,6 +18,9 @@ Sections (every key optional except ``teacher.model``; see ``configs/default.yam
               fused_loss, loss_chunk_tokens, gradient_checkpointing
     refresh   policy (none|round_robin|random), fraction, every_steps, source, max_replicas, seed,
               max_age, enforce (wait|warn), max_stall_share
+    generate  enabled, max_new_tokens, temperature (0: greedy), top_p, num_return_sequences,
+              prompt_template, keep (teacher|both): teacher generation passes (generate_pass)
+    rationale answer_prefix: where a response's answer starts (answer accuracy, data.answer_column)
 
 ``load_config(path, overrides, base)`` layers a base dict, a YAML file and ``key.sub=value``
 overrides, then ``Config.from_dict`` checks types, values and cross-field rules and raises one
@@ -54,6 +57,7 @@ REFRESH_SOURCES = ("teacher", "resample", "on_policy")
 REFRESH_ENFORCE = ("wait", "warn")
 DATA_FORMATS = ("text", "chat", "prompt_response")  # raydistill.instruct.FORMATS
 LOSS_ON = ("response", "all")
+GENERATE_KEEP = ("teacher", "both")
 
 
 @dataclass(kw_only=True)
@@ -81,6 +85,7 @@ class DataConfig:
     seq_len: int = 128
     eval_fraction: float = 0.05
     max_rows: int | None = None
+    answer_column: str | None = None     # checkable answers: eval reports answer accuracy (generate_pass)
 
 
 @dataclass(kw_only=True)
@@ -186,6 +191,23 @@ class RefreshConfig:
 
 
 @dataclass(kw_only=True)
+class GenerateConfig:
+    """Teacher generation pass (raydistill.generate_pass): the teacher writes the responses."""
+    enabled: bool = False
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    prompt_template: str | None = None  # e.g. "{prompt}\nLet's think step by step."; None: the prompt as is
+    keep: str = "teacher"  # teacher: generated rows replace the dataset's responses; both: added to them
+
+
+@dataclass(kw_only=True)
+class RationaleConfig:
+    answer_prefix: str | None = None  # e.g. "A:": the answer is the text after its last occurrence
+
+
+@dataclass(kw_only=True)
 class Config:
     task: str = "causal_lm"  # raydistill.tasks.TASKS: what the trainer, teacher pass and eval do
     run: RunConfig = field(default_factory=RunConfig)
@@ -197,6 +219,8 @@ class Config:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     teachers: list[TeacherEntry] = field(default_factory=list)  # several teachers; `teacher` is then the first
     routing: RoutingConfig | None = None                          # which teacher teaches which row (teachers only)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    rationale: RationaleConfig = field(default_factory=RationaleConfig)
 
     @classmethod
     def from_dict(cls, d: Any, *, check_paths: bool = True) -> "Config":
@@ -402,6 +426,12 @@ _RULES: dict[str, tuple[Any, str, str]] = {
     "refresh.max_replicas": (*_ge(1), "allow at least one refresh teacher replica"),
     "refresh.max_age": (*_ge(1), "use a bound of at least 1 student step, or null for ceil(1/fraction) x every_steps"),
     "refresh.max_stall_share": (*_in(0, 1), "use a share of the training time between 0 and 1, e.g. 0.1"),
+    "generate.max_new_tokens": (*_ge(1), "generate at least 1 token, e.g. generate.max_new_tokens=64"),
+    "generate.temperature": (*_ge(0), "use 0 for greedy decoding, or a sampling temperature such as 0.7"),
+    "generate.top_p": (*_in(0, 1, lo_open=True), "use a nucleus mass in (0, 1], 1 for none"),
+    "generate.num_return_sequences": (*_ge(1), "generate at least one response per prompt"),
+    "rationale.answer_prefix": (*_NONEMPTY, "give the text that opens the answer, e.g. rationale.answer_prefix='A:'"),
+    "data.answer_column": (*_NONEMPTY, "name the column that holds each prompt's answer, or null"),
 }
 _CHOICES = {
     "task": tuple(TASKS),
@@ -409,6 +439,7 @@ _CHOICES = {
     "teacher.dtype": DTYPES, "student.dtype": DTYPES, "targets.format": TARGET_FORMATS,
     "train.loss": LOSSES, "train.temperature_schedule.kind": SCHEDULES,
     "refresh.policy": REFRESH_POLICIES, "refresh.source": REFRESH_SOURCES, "refresh.enforce": REFRESH_ENFORCE,
+    "generate.keep": GENERATE_KEEP,
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?")
 
@@ -541,10 +572,11 @@ def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) 
                    f"for the mass outside the draws) — set targets.format=topk, "
                    f"train.loss=forward_kl, or train.online=true")
     out += _temperature_problems(cfg)
-    out += _teachers_problems(cfg, check_paths)
     if cfg.data.format in DATA_FORMATS and cfg.data.format != "text" and cfg.task != "causal_lm":
         out.append(f"data.format: {cfg.data.format} examples (a loss mask over response tokens) are for task "
                    f"causal_lm, not {cfg.task} — use data.format=text, or task: causal_lm")
+    out += _teachers_problems(cfg, check_paths)
+    out += _generate_problems(cfg)
     if 0 <= r.fraction <= 1 and r.policy in REFRESH_POLICIES:
         if r.policy != "none" and r.fraction == 0:
             out.append(f"refresh.fraction: 0 with refresh.policy={r.policy} refreshes nothing — set "
@@ -579,6 +611,46 @@ def _temperature_problems(cfg: Config) -> list[str]:
                 f"topk targets captured at targets.capture_temperature {tc:g} can be re-tempered to — keep "
                 "the temperatures in that range or capture at another targets.capture_temperature"]
     return []
+
+
+def _generate_problems(cfg: Config) -> list[str]:
+    """Generation passes and answer accuracy need prompts: examples, not packed text."""
+    g, out = cfg.generate, []
+    fmt = getattr(cfg.data, "format", "text")  # data.format: instruction data (raydistill.instruct)
+    if g.enabled and cfg.task != "causal_lm":
+        out.append(f"generate.enabled: task {cfg.task} has no responses to generate — generation passes "
+                   "need task: causal_lm, or set generate.enabled=false")
+    if g.enabled and cfg.teachers:
+        out.append("generate.enabled: generation passes use one teacher — set teacher: instead of teachers:, "
+                   "or generate.enabled=false")
+    if g.enabled and fmt == "text":
+        out.append("generate.enabled: data.format is text (packed windows have no prompts) — set "
+                   "data.format=prompt_response or chat, or generate.enabled=false")
+    if g.enabled and getattr(cfg.data, "loss_on", "response") == "all":
+        out.append("generate.enabled: data.loss_on=all leaves no prompt/response boundary in the rows, so the "
+                   "generation pass can't find the prompts — set data.loss_on=response, or generate.enabled=false")
+    if g.prompt_template is not None and fmt == "chat":
+        out.append("generate.prompt_template: a chat prompt ends with the assistant header, after which a "
+                   "template's text would land — put the instruction in the user messages, or use "
+                   "data.format=prompt_response")
+    if g.num_return_sequences > 1 and g.temperature == 0:
+        out.append(f"generate.num_return_sequences: {g.num_return_sequences} greedy responses per prompt are "
+                   "identical copies — set generate.temperature > 0 (e.g. 0.7), or "
+                   "generate.num_return_sequences=1")
+    if g.prompt_template is not None:
+        try:
+            g.prompt_template.format(prompt="")
+            ok = "{prompt}" in g.prompt_template
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            out.append(f"generate.prompt_template: {_show(g.prompt_template)} must contain {{prompt}} and no other "
+                       "{field} (write {{ for a literal brace) — e.g. "
+                       "generate.prompt_template='{prompt}\\nLet\'s think step by step.'")
+    if cfg.data.answer_column is not None and fmt != "prompt_response":
+        out.append(f"data.answer_column: answers are matched to prompts of data.format=prompt_response, not "
+                   f"{fmt} — set data.format=prompt_response (with data.prompt_column), or data.answer_column=null")
+    return out
 
 
 def _teachers_section(cfg: Config, d: Mapping) -> list[str]:

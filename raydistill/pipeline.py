@@ -22,8 +22,10 @@ NAMESPACE = "raydistill"
 
 def run(cfg) -> dict:
     """All phases of one run; returns the report (also written to <output_dir>/report.json)."""
+    from .answers import add_answer_accuracy
     from .data import build_inputs
     from .evaluate import evaluate_students
+    from .generate_pass import generate_pending
     from .metrics import RunMetrics
     from .report import build_report, write_report
 
@@ -48,8 +50,12 @@ def run(cfg) -> dict:
         else:
             inputs = build_inputs(cfg, store, info)
             clock.lap("inputs")
+            # The teacher writes the responses first (generate.enabled), then they are scored like any rows.
+            generated = generate_pending(cfg, store, info, metrics)
+            if generated:
+                clock.lap("generate")
             first = None if cfg.train.online else score_pending(cfg, store, info, metrics)
-            passes = [first] if first else []
+            passes = [p for p in (generated, first) if p]
         clock.lap("teacher_pass")
         state, total, refresh, result = train_student(cfg, store, info)
         students = {"student": export_student(result, cfg, out, "student")}
@@ -61,7 +67,7 @@ def run(cfg) -> dict:
             students["hard_label_student"] = export_student(base_result, cfg, out, "hard_label_student")
             clock.lap("train_hard_label")
         wait_for_nodes(cfg, "eval")
-        evaluation = evaluate_students(cfg, store, students)
+        evaluation = add_answer_accuracy(cfg, store, students, evaluate_students(cfg, store, students))
         clock.lap("eval")
         report = build_report(cfg, store, out_dir=out, phases=clock.phases, inputs=inputs, passes=passes,
                               state=state, total_steps=total, history=history, evaluation=evaluation,

@@ -169,12 +169,20 @@ def _replica_kwargs(cfg, params: dict, vocab_size: int, store: SoftTargetStore) 
 
 def _ray_data_rows(cfg, store, tasks: list[dict], replicas: int, params: dict, vocab_size: int):
     """One row per scored shard, from a Ray Data actor pool that lives as long as this pass."""
+    return actor_pool_rows(tasks, TeacherReplica, cfg.teacher, replicas,
+                           _replica_kwargs(cfg, params, vocab_size, store))
+
+
+def actor_pool_rows(tasks: list[dict], replica_cls, teacher_cfg, replicas: int, constructor_kwargs: dict):
+    """One output row per task (one task per batch), from a Ray Data actor pool of `replica_cls` placed
+    like teacher replicas, living as long as the iteration: scoring and generation passes alike.
+    A replica that dies is restarted by Ray Data and its task retried."""
     import ray.data
 
     from .cluster import teacher_options
 
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        TeacherReplica, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas), **teacher_options(cfg.teacher),
-        fn_constructor_kwargs=_replica_kwargs(cfg, params, vocab_size, store))
+        replica_cls, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas), **teacher_options(teacher_cfg),
+        fn_constructor_kwargs=constructor_kwargs)
     return ds.iter_rows()
