@@ -352,7 +352,7 @@ def test_store_of_examples_pass_fit_and_metrics(example_runs, tiny_dir):
     _, b_targets = decode(first, "sampled")
     logits = student(input_ids=b_inputs["input_ids"], attention_mask=b_inputs["attention_mask"]).logits[:, :-1]
     masked, _ = distill_loss(logits, b_targets, _task().labels(b_inputs), alpha=0.5)
-    assert state["history"][0]["loss"] == pytest.approx(float(masked), rel=1e-4, abs=1e-5)
+    assert state["history"][0]["loss"] == pytest.approx(float(masked.detach()), rel=1e-4, abs=1e-5)
 
     # held-out metrics: the task's figures are over the eval rows' loss positions
     eval_table = store.read_input_file(store.manifest()["inputs"]["eval"])
