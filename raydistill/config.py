@@ -231,6 +231,8 @@ class Config:
         d = dataclasses.asdict(self)
         # One of the two, as a config file has it: `teacher` is derived from teachers[0].
         d.pop("teacher" if self.teachers else "teachers")
+        if self.routing is None:  # (no section: a one-teacher config's dict is what it always was)
+            d.pop("routing")
         return d
 
     def to_yaml(self) -> str:
