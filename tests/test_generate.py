@@ -236,6 +236,7 @@ def test_replica_killed_mid_pass_loses_and_duplicates_no_prompt(base_store, tmp_
     store.release_lease()
 
 
+@pytest.mark.slow
 def test_refresh_teacher_source_regenerates_generated_shards(base_store, tmp_path, models):
     """refresh.source teacher on a generated shard: new responses by the current teacher, recorded as
     generation 2 at the refresh step, then scored into a new version (other shards untouched)."""
