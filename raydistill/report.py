@@ -22,9 +22,13 @@ Report keys (all optional except `run`):
     train:          {steps, tokens_per_s, final_loss, resumed_from_step}
     history:        {run_label: [{step, loss, kd, ce, tokens_per_s}]}
     eval:           {"student": {...}, "teacher": {...}, "hard_label_student": {...}, "tokens": n}
-                    (the per-model dicts of `evaluate.evaluate`; a whole `evaluate` result is accepted too)
+                    (the per-model dicts of `evaluate.evaluate`; a whole `evaluate` result is accepted too;
+                    with data.answer_column each also has "answer_accuracy", and "answers": {prompts, matched})
     refresh:        {policy, fraction, every_steps, source, passes, rows_refreshed, max_age_seen, bound_steps}
     ages:           [{step, max_age, mean_age}]
+    teachers:       several teachers: {name: {model, weight, teacher_rev, routed_rows, mixture_rows, rows,
+                    tokens, teacher_tokens: {initial, refresh}, teacher_seconds, max_age}}
+                    (teachers.report_section); eval["teachers"]: {name: {all_rows, own_rows}}
 """
 from __future__ import annotations
 
@@ -68,6 +72,10 @@ def build_report(cfg, store, *, out_dir: str, phases: dict, inputs: dict, passes
     # Online mode: the teacher's forward runs inside every step, over every token trained on.
     online = state["step"] * max(t.workers, 1) * t.batch_size * t.grad_accum * cfg.data.seq_len
     report["teacher_compute"] = teacher_compute(passes, refresh, online_tokens=online if t.online else 0)
+    if cfg.teachers:
+        from .teachers import report_section
+
+        report["teachers"] = report_section(cfg, store, passes, refresh, state["step"])
     if refresh is not None:
         refresh = dict(refresh)
         report["ages"] = refresh.pop("ages")
@@ -225,6 +233,19 @@ def _markdown(r: dict, plots: list[str]) -> str:
                       f"{_fmt(secs)} s = {_fmt(rows_all / secs)} rows/s, "
                       f"{_fmt(toks_all / secs)} tokens/s.", ""]
 
+    teachers = r.get("teachers") or {}
+    if teachers:
+        per_eval = (r.get("eval") or {}).get("teachers") or {}
+
+        def ce(name, part):
+            return ((per_eval.get(name) or {}).get(part) or {}).get("student", {}).get("ce")
+        rows = [[n, t.get("weight"), t.get("routed_rows"), t.get("mixture_rows"), t.get("tokens"),
+                 sum((t.get("teacher_tokens") or {}).values()), t.get("teacher_seconds"), t.get("max_age"),
+                 ce(n, "own_rows"), ce(n, "all_rows")] for n, t in teachers.items()]
+        lines += ["## Teachers", ""]
+        lines += _table(["teacher", "weight", "routed rows", "mixture rows", "tokens", "teacher tokens",
+                         "teacher s", "max age", "student CE (own rows)", "student CE (all rows)"], rows)
+
     store = r.get("store") or {}
     if store:
         lines += ["## Soft-target store", ""]
@@ -252,7 +273,8 @@ def _markdown(r: dict, plots: list[str]) -> str:
         metrics = [("ce", "cross-entropy (nats)"), ("perplexity", "perplexity"),
                    ("kl_teacher_student", "KL(teacher ‖ student)"),
                    ("top1_agreement", "top-1 agreement with teacher"),
-                   ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "expected calibration error")]
+                   ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "expected calibration error"),
+                   ("answer_accuracy", "answer accuracy (greedy, held-out prompts)")]
         rows = [[label] + [p.get(key) for p in parts] for key, label in metrics
                 if any(p.get(key) is not None for p in parts)]
         lines += ["## Evaluation (held-out)", ""]
@@ -262,6 +284,10 @@ def _markdown(r: dict, plots: list[str]) -> str:
             tokens = next((ev[k].get("tokens") for k, _, _ in cols if "tokens" in ev[k]), None)
         if tokens is not None:
             lines += [f"Evaluated on {_fmt(tokens)} tokens.", ""]
+        answers = ev.get("answers") or {}
+        if answers:  # raydistill.answers: held-out prompts matched to a gold answer
+            lines += [f"Answer accuracy over {_fmt(answers.get('matched'))} of {_fmt(answers.get('prompts'))} "
+                      "held-out prompts (those with a gold answer in data.answer_column).", ""]
 
     ref = r.get("refresh") or {}
     if ref:
