@@ -68,6 +68,8 @@ def run(cfg) -> dict:
             clock.lap("train_hard_label")
         wait_for_nodes(cfg, "eval")
         evaluation = add_answer_accuracy(cfg, store, students, evaluate_students(cfg, store, students))
+        if cfg.teachers:  # the student against each teacher, on its own rows and on all rows
+            evaluation["teachers"] = teachers.evaluate(cfg, store, students)
         clock.lap("eval")
         report = build_report(cfg, store, out_dir=out, phases=clock.phases, inputs=inputs, passes=passes,
                               state=state, total_steps=total, history=history, evaluation=evaluation,

@@ -428,3 +428,58 @@ def mix_sampled(tables: list[pa.Table], weights_: list[float], samples: int, rng
             "label_logprob": list(np.clip(mixed_label, -65504, 0).astype(np.float16).reshape(rows, -1)),
             "sample_ids": np.split(draws[new], cuts), "sample_counts": np.split(counts, cuts),
             "sample_len": list(lens), "entropy": list(np.clip(entropy, 0, 65504).astype(np.float16).reshape(rows, -1))}
+
+
+# ---------------------------------------------------------------- evaluation and the report
+
+def evaluate(cfg, store, student_dirs: dict, max_rows: int = 512) -> dict:
+    """Held-out metrics of each student against each teacher, on all held-out rows and on the rows
+    that teacher teaches alone (its routing group): {name: {"all_rows": ..., "own_rows": ...}} with
+    `evaluate.evaluate_students`'s figures (in a task placed like that teacher's replicas)."""
+    import ray
+
+    from .cluster import teacher_options
+    from .evaluate import _evaluate_task
+
+    inputs = store.manifest()["inputs"]
+    groups = inputs["info"].get("groups") or {}
+    if inputs["info"].get("eval_rows", 0) == 0:
+        return {}
+    refs = {}
+    for name in names(cfg):
+        one = for_teacher(cfg, name)
+        task = ray.remote(_evaluate_task).options(**teacher_options(one.teacher))
+        evals = {"all_rows": inputs["eval"]}
+        if (groups.get(name) or {}).get("eval_rows"):
+            evals["own_rows"] = groups[name]["eval"]
+        for part, rel in evals.items():
+            refs[(name, part)] = task.remote(one.to_dict(), student_dirs, (store.uri, rel), max_rows)
+    out: dict = {}
+    for (name, part), ref in refs.items():
+        out.setdefault(name, {})[part] = ray.get(ref)
+    return out
+
+
+def report_section(cfg, store, passes: list[dict], refresh: dict | None, step: int) -> dict:
+    """Per teacher: what it teaches (routed and mixture rows, tokens), its teacher compute (initial
+    and refresh passes: forward tokens and seconds), its revision and the largest age at `step` of
+    the targets it produced."""
+    m, groups = store.manifest(), shard_groups(store)
+    rows_of = {sid: rec["rows"] for sid, rec in m["inputs"]["shards"].items()}
+    seq_len = int(m["inputs"]["info"].get("seq_len") or cfg.data.seq_len)
+    refresh_log = (refresh or {}).get("pass_log") or []
+    out = {}
+    for e in cfg.teachers:
+        routed = sum(rows_of.get(s, 0) for s, g in groups.items() if g == e.name)
+        mixture = sum(rows_of.get(s, 0) for s, g in groups.items() if g == MIXTURE)
+        mine = [p for p in passes if p.get("teacher") == e.name]
+        again = [p["teachers"][e.name] for p in refresh_log if e.name in (p.get("teachers") or {})]
+        produced = [rec["produced_at_step"] for s in taught_by(groups, e.name) if (rec := store.current(s))]
+        out[e.name] = {"model": e.model, "weight": e.weight, "teacher_rev": revisions(cfg)[e.name],
+                       "routed_rows": routed, "mixture_rows": mixture, "rows": routed + mixture,
+                       "tokens": (routed + mixture) * seq_len,
+                       "teacher_tokens": {"initial": sum(p["tokens"] for p in mine),
+                                          "refresh": sum(p["tokens"] for p in again)},
+                       "teacher_seconds": round(sum(p["seconds"] for p in mine + again), 3),
+                       "max_age": step - min(produced) if produced else None}
+    return out

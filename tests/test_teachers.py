@@ -269,6 +269,38 @@ def test_new_revision_of_one_teacher_rescores_only_its_rows(built, models):
         assert prov["prose"]["teacher_rev"] == teachers.revisions(cfg)["prose"]
 
 
+@pytest.mark.slow
+def test_end_to_end_run_reports_each_teacher(built):
+    """pipeline.run on the built store (last: it reuses what the earlier tests scored): the student
+    trains from routed and mixed shards; the report has each teacher's rows, compute and eval."""
+    from raydistill import pipeline
+    from raydistill.teachers import report_section, shard_groups
+
+    cfg, store = built["cfg"], built["store"]
+    report = pipeline.run(cfg)
+    groups, shards = shard_groups(store), store.manifest()["inputs"]["shards"]
+    info = store.manifest()["inputs"]["info"]
+    assert report["train"]["steps"] == cfg.train.max_steps and os.path.isdir(report["outputs"]["student"])
+    for name in WEIGHTS:
+        t = report["teachers"][name]
+        assert t["routed_rows"] == sum(shards[s]["rows"] for s, g in groups.items() if g == name)
+        assert t["mixture_rows"] == sum(shards[s]["rows"] for s, g in groups.items() if g == "mixture")
+        assert t["tokens"] == t["rows"] * SEQ_LEN
+        assert t["teacher_tokens"] == {"initial": 0, "refresh": 0}      # this run found everything scored
+        # ... and the module's first build: each teacher's forward tokens = the rows it teaches, once.
+        first = report_section(cfg, store, built["passes"], None, 0)[name]
+        assert first["teacher_tokens"]["initial"] == t["rows"] * SEQ_LEN and first["teacher_seconds"] > 0
+        ev = report["eval"]["teachers"][name]
+        assert ev["all_rows"]["eval_sequences"] == info["eval_rows"]
+        assert ev["own_rows"]["eval_sequences"] == info["groups"][name]["eval_rows"] > 0
+        assert math.isfinite(ev["own_rows"]["student"]["ce"]) and math.isfinite(ev["all_rows"]["student"]["ce"])
+    # The same student and rows, two teachers: the KL to each differs (each is measured against its own).
+    assert (report["eval"]["teachers"]["code"]["all_rows"]["student"]["kl_teacher_student"]
+            != report["eval"]["teachers"]["prose"]["all_rows"]["student"]["kl_teacher_student"])
+    with open(report["files"]["report.md"]) as f:
+        assert "## Teachers" in f.read()
+
+
 # ---------------------------------------------------------------- refused before Ray starts
 
 

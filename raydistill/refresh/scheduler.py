@@ -420,7 +420,7 @@ class RefreshScheduler:
                  "stall_steps": in_flight.get("stall_steps", 0)}
         if "started_at" in in_flight:
             entry.update(started_at=in_flight["started_at"], ended_at=time.time())
-        for k in ("error", "policy_version", "generated_tokens", "teacher_rev", "resumed", "replicas"):
+        for k in ("error", "policy_version", "generated_tokens", "teacher_rev", "resumed", "replicas", "teachers"):
             if k in stats:
                 entry[k] = stats[k]
         st.pass_log = (st.pass_log + [entry])[-MAX_PASS_LOG:]
