@@ -658,7 +658,7 @@ def _generate_problems(cfg: Config) -> list[str]:
 def _teachers_section(cfg: Config, d: Mapping) -> list[str]:
     """`teachers:` replaces `teacher:`; `teacher` then mirrors teachers[0] (tokenizer, student init, eval)."""
     if not cfg.teachers:
-        if "teachers" in d:
+        if isinstance(d.get("teachers"), list):  # (not a list: reported already)
             return ["teachers: empty list — list the teachers (- name: ..., model: ...), or use teacher:"]
         return []
     if "teacher" in d:
@@ -709,7 +709,7 @@ def _teachers_problems(cfg: Config, check_paths: bool) -> list[str]:
             out.append(f"routing.default: {ro.default!r} is not a teacher — use one of {', '.join(names)}, "
                        f"{MIXTURE}, or null to refuse unmapped values")
     mixed = ro is None or ro.default == MIXTURE
-    if mixed and len(cfg.teachers) > 1 and cfg.targets.format != "sampled":
+    if mixed and cfg.targets.format != "sampled":
         out.append(f"targets.format: {cfg.targets.format} cannot hold a mixture of teachers (rows that no routing "
                    f"value maps to one teacher) — a mixture is stored as stratified draws: set "
                    f"targets.format=sampled, or route every row to one teacher (routing.default: <name>)")

@@ -361,3 +361,17 @@ def test_unmapped_values_refused_before_ray(models, corpus, tmp_path, monkeypatc
     msg = _refused(d, monkeypatch)
     assert "routing.teachers: 40 row(s) of column 'domain' have values no teacher is named for ('misc')" in msg
     assert "routing.default" in msg
+
+
+def test_shipped_two_teachers_config():
+    from raydistill.config import load_config
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "two_teachers.yaml")
+    cfg = load_config(path)
+    assert [t.name for t in cfg.teachers] == ["code", "prose"] and cfg.teacher.model == cfg.teachers[0].model
+    assert [t.weight for t in cfg.teachers] == [0.6, 0.4] and cfg.routing.default == "mixture"
+    assert all(t.resources == {"teacher_node": 1} for t in cfg.teachers) and cfg.teachers[0].replicas == 2
+    assert "teacher" not in cfg.to_dict() and Config.from_dict(cfg.to_dict(), check_paths=False) == cfg
+    lines = open(path, encoding="utf-8").read().splitlines()
+    assert lines[0].startswith("#") and any("jobs/distill.py" in ln for ln in lines[:12])
+    assert all("#" in ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))
