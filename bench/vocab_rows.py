@@ -1,4 +1,4 @@
-"""Row 8: memory-bounded KD at a 128,256-id vocabulary (issue 16), chunked vs today's full logits.
+"""Row 9: memory-bounded KD at a 128,256-id vocabulary (issue 16), chunked vs today's full logits.
 
 Every figure comes from a fresh child process (`python bench/vocab_rows.py --child '<json>'`) that
 builds a tiny Llama (hidden 32, 1 layer: the vocabulary is the memory) from config, runs one warm-up
@@ -14,8 +14,9 @@ step (so weights, gradients and AdamW state exist), then measures:
 Variants: `full` = today's path (`model(...).logits[:, :-1]` -> `losses.distill_loss`); `fused` =
 `chunked_loss.model_hidden` + `fused_distill_loss` (gradients computed in the forward chunk loop);
 `recompute` = the alternative design, each chunk under `torch.utils.checkpoint` (recomputed in
-backward). Teacher: a forward + `targets.encode` vs `model_hidden` + `encode_chunked`. The A and B
-children run interleaved (A B A B ...), and ratios are medians over the repeats.
+backward). Teacher: a forward + `targets.encode` vs `model_hidden` + `encode_chunked`. Growth
+(9d, 9e): the same variant at V = 32,000 (A) and 262,144 (B). The A and B children run interleaved
+(A B A B ...), and ratios are medians over the repeats.
 """
 from __future__ import annotations
 
@@ -171,21 +172,26 @@ def measure(spec: dict, timeout_s: float = 900) -> dict:
 
 
 def compare(base: dict, variant_a: str, variant_b: str, repeats: int) -> dict:
+    """Variant b against variant a of the same spec: `compare_specs`."""
+    return compare_specs(dict(base, variant=variant_a), dict(base, variant=variant_b), repeats)
+
+
+def compare_specs(spec_a: dict, spec_b: dict, repeats: int) -> dict:
     """A B A B ... children; median extra-peak and step-time ratios b / a, and the raw figures."""
-    runs = {variant_a: [], variant_b: []}
+    runs = {"a": [], "b": []}
     for _ in range(repeats):
-        for v in (variant_a, variant_b):
-            runs[v].append(measure(dict(base, variant=v)))
-    mem = [b["extra_mib"] / a["extra_mib"] for a, b in zip(runs[variant_a], runs[variant_b])]
-    speed = [a["step_s"] / b["step_s"] for a, b in zip(runs[variant_a], runs[variant_b])]
+        for key, spec in (("a", spec_a), ("b", spec_b)):
+            runs[key].append(measure(spec))
+    mem = [b["extra_mib"] / a["extra_mib"] for a, b in zip(runs["a"], runs["b"])]
+    speed = [a["step_s"] / b["step_s"] for a, b in zip(runs["a"], runs["b"])]
     med = lambda v, k: statistics.median(r[k] for r in runs[v])  # noqa: E731
     return {"mem_ratio": statistics.median(mem), "speed_ratio": statistics.median(speed),
-            "a_extra_mib": med(variant_a, "extra_mib"), "b_extra_mib": med(variant_b, "extra_mib"),
-            "a_step_s": med(variant_a, "step_s"), "b_step_s": med(variant_b, "step_s"), "runs": runs}
+            "a_extra_mib": med("a", "extra_mib"), "b_extra_mib": med("b", "extra_mib"),
+            "a_step_s": med("a", "step_s"), "b_step_s": med("b", "step_s"), "runs": runs}
 
 
 def run_row_9(sizes, work: str, details: dict) -> list:
-    """Rows 9a-9d (see the module docstring); figures kept in details["row9"]."""
+    """Rows 9a-9e (see the module docstring); figures kept in details["row9"]."""
     from common import Row, judge, log
 
     from raydistill.chunked_loss import chunk_tokens_for
@@ -196,14 +202,26 @@ def run_row_9(sizes, work: str, details: dict) -> list:
     log(f"row 9: train step at V={V128:,}, full vs fused, {repeats} interleaved repeats")
     train = compare(dict(base, kind="train", vocab=V128), "full", "fused", repeats)
     log("row 9: teacher pass (sampled N=50), full logits vs encode_chunked")
-    teacher = compare(dict(base, kind="teacher", vocab=V128, fmt="sampled"), "full", "chunked", repeats)
-    log("row 9: fused step at V=32,000 and 262,144")
-    growth = {v: measure(dict(base, kind="train", vocab=v, variant="fused")) for v in (32_000, 262_144)}
-    details["row9"] = {"train": train, "teacher": teacher, "growth": growth, "spec": base}
-    g32, g256 = growth[32_000]["extra_mib"], growth[262_144]["extra_mib"]
+    teacher_base = dict(base, kind="teacher", fmt="sampled")
+    teacher = compare(dict(teacher_base, vocab=V128), "full", "chunked", repeats)
+    log("row 9: growth 32,000 -> 262,144: fused step, chunked teacher pass (interleaved)")
+    growth = compare_specs(dict(base, kind="train", vocab=32_000, variant="fused"),
+                           dict(base, kind="train", vocab=262_144, variant="fused"), repeats)
+    t_growth = compare_specs(dict(teacher_base, vocab=32_000, variant="chunked"),
+                             dict(teacher_base, vocab=262_144, variant="chunked"), repeats)
+    details["row9"] = {"train": train, "teacher": teacher, "growth": growth, "teacher_growth": t_growth,
+                       "spec": base}
     head_mib = (262_144 - 32_000) * base["hidden"] * 4 / 2**20  # one float32 copy of the head's growth
     tokens = base["batch"] * (base["seq_len"] - 1)
-    rows = [
+
+    def growth_row(row, what, g):
+        a, b = g["a_extra_mib"], g["b_extra_mib"]
+        return Row(row, what, a, b, "MiB", g["mem_ratio"], "flat beyond weights", "info",
+                   f"growth {b - a:.0f} MiB (medians of {repeats} interleaved pairs); one float32 copy of the "
+                   f"head's growth is {head_mib:.0f} MiB; chunk {chunk_tokens_for(32_000)} -> "
+                   f"{chunk_tokens_for(262_144)} tokens (auto: the same logits per chunk)")
+
+    return [
         Row("9a", f"train step extra peak, fused vs full logits (V={V128:,}, {tokens} tokens, tiny Llama)",
             train["a_extra_mib"], train["b_extra_mib"], "MiB", train["mem_ratio"], "<= 0.3",
             judge(train["mem_ratio"], "<=", 0.3), f"chunk {chunk_tokens_for(V128)} tokens (auto); "
@@ -213,11 +231,11 @@ def run_row_9(sizes, work: str, details: dict) -> list:
             "loaded 2-core machine: medians of interleaved children"),
         Row("9c", f"teacher pass extra peak, encode_chunked vs full logits (V={V128:,})", teacher["a_extra_mib"],
             teacher["b_extra_mib"], "MiB", teacher["mem_ratio"], "<= 0.3", judge(teacher["mem_ratio"], "<=", 0.3),
-            f"pass speed ratio {teacher['speed_ratio']:.2f}"),
-        Row("9d", "fused step extra peak, V=262,144 vs 32,000", g32, g256, "MiB", g256 / g32, "flat beyond weights",
-            "info", f"growth {g256 - g32:.0f} MiB; one float32 copy of the head's growth is {head_mib:.0f} MiB"),
+            f"pass speed ratio {teacher['speed_ratio']:.2f}; full path {teacher['a_extra_mib'] / tokens:.2f} "
+            "MiB/token"),
+        growth_row("9d", "fused train step extra peak, V=262,144 vs 32,000", growth),
+        growth_row("9e", "chunked teacher pass extra peak, V=262,144 vs 32,000", t_growth),
     ]
-    return rows
 
 
 # ------------------------------------------------------------------------------ what fits where

@@ -16,6 +16,8 @@ hidden states [B, T, H] and the LM-head weight [V, H] (+ bias) go in, and the lo
   teacher  `encode_chunked` = `targets.encode` on the full logits, chunk by chunk of positions:
            same columns, same top-k, and (on CPU) the same sampled ids and counts for the same
            generator, because the rows are drawn in the same row-major order.
+  eval     `RowLogProbs`: float32 log-probs of rows [lo, hi) of a batch's predicting positions, the
+           head applied to those rows only (evaluate.py's KL / CE / agreement sum chunk by chunk).
 
 `model_hidden` runs a HF causal LM (DDP-wrapped or not) so that it returns its final hidden states
 and head instead of full logits (`logits_to_keep=1`), and checks once that the head re-applied to
@@ -33,7 +35,7 @@ from raydistill.losses import ce_loss, kd_per_token
 from raydistill.targets import SparseTargets, encode
 
 __all__ = ["CHUNK_LOGITS", "chunk_tokens_for", "use_fused", "fused_distill_loss", "encode_chunked",
-           "fused_head_problem", "model_hidden"]
+           "fused_head_problem", "model_hidden", "RowLogProbs"]
 
 # Chunk size when none is given (train.loss_chunk_tokens: null): a chunk holds about CHUNK_LOGITS
 # logits, so its memory is the same at every vocabulary (about 7 float32 copies of it exist during a
@@ -321,3 +323,36 @@ def model_hidden(model, input_ids: torch.Tensor, **forward_kwargs):
                                  "the model's logits — set train.fused_loss=false for this model")
         _CHECKED.add(id(inner))
     return hidden, weight, bias
+
+
+class RowLogProbs:
+    """A causal LM's float32 log-probs at a batch's predicting positions, a range of rows at a time.
+
+    Rows are the B·(L-1) positions of `input_ids` [B, L] that predict a next token (or those `keep`
+    selects), row-major (row b·(L-1) + j predicts input_ids[b, j + 1]). With a plain linear head only the final hidden states
+    [rows, H] are kept and `log_probs(lo, hi)` applies the head to rows [lo, hi); a model that
+    transforms its logits (`fused_head_problem`) gives its full logits once and they are sliced.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, keep: torch.Tensor | None = None, **forward_kwargs):
+        """keep [B, L-1] bool: only those positions become rows (None: all). forward_kwargs: e.g.
+        attention_mask."""
+        def pick(x):  # [B, L-1, D] -> [rows, D]
+            return x.flatten(0, 1) if keep is None else x[keep]
+
+        self.full = fused_head_problem(model) is not None
+        if self.full:
+            logits = model(input_ids=input_ids, **forward_kwargs).logits[:, :-1]
+            self.rows, self.weight, self.bias, self.vocab = pick(logits), None, None, logits.shape[-1]
+        else:
+            hidden, self.weight, self.bias = model_hidden(model, input_ids, **forward_kwargs)
+            self.rows, self.vocab = pick(hidden[:, :-1]), self.weight.shape[0]
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def log_probs(self, lo: int, hi: int) -> torch.Tensor:
+        """[hi - lo, V] float32 log-softmax of rows lo..hi-1."""
+        rows = self.rows[lo:hi]
+        logits = rows if self.full else F.linear(rows.to(self.weight.dtype), self.weight, self.bias)
+        return torch.log_softmax(logits.float(), dim=-1)

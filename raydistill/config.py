@@ -15,7 +15,7 @@ Sections (every key optional except ``teacher.model``; see ``configs/default.yam
     train     workers, use_gpu, cpus_per_worker, resources, epochs, max_steps, batch_size, grad_accum,
               lr, weight_decay, warmup_ratio, warmup_steps, grad_clip, loss, jsd_beta, alpha, temperature,
               temperature_schedule {kind, start, end}, checkpoint_every, max_failures, online, log_every,
-              fused_loss, loss_chunk_tokens, gradient_checkpointing
+              fused_loss, loss_chunk_tokens, gradient_checkpointing, strategy (ddp|fsdp)
     refresh   policy (none|round_robin|random), fraction, every_steps, source, max_replicas, seed,
               max_age, enforce (wait|warn), max_stall_share
     generate  enabled, max_new_tokens, temperature (0: greedy), top_p, num_return_sequences,
@@ -58,6 +58,7 @@ REFRESH_ENFORCE = ("wait", "warn")
 DATA_FORMATS = ("text", "chat", "prompt_response")  # raydistill.instruct.FORMATS
 LOSS_ON = ("response", "all")
 GENERATE_KEEP = ("teacher", "both")
+STRATEGIES = ("ddp", "fsdp")  # train.strategy: raydistill.sharding
 
 
 @dataclass(kw_only=True)
@@ -175,6 +176,9 @@ class TrainConfig:
     fused_loss: bool | None = None
     loss_chunk_tokens: int | None = None  # tokens per chunk; None: about 2^24 logits per chunk
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (long sequences)
+    # ddp: a whole student per worker; fsdp: params, grads and AdamW state sharded over the workers
+    # (torch FSDP2, raydistill.sharding) for students that do not fit one device with DDP.
+    strategy: str = "ddp"
 
 
 @dataclass(kw_only=True)
@@ -439,7 +443,7 @@ _CHOICES = {
     "task": tuple(TASKS),
     "data.format": DATA_FORMATS, "data.loss_on": LOSS_ON,
     "teacher.dtype": DTYPES, "student.dtype": DTYPES, "targets.format": TARGET_FORMATS,
-    "train.loss": LOSSES, "train.temperature_schedule.kind": SCHEDULES,
+    "train.loss": LOSSES, "train.temperature_schedule.kind": SCHEDULES, "train.strategy": STRATEGIES,
     "refresh.policy": REFRESH_POLICIES, "refresh.source": REFRESH_SOURCES, "refresh.enforce": REFRESH_ENFORCE,
     "generate.keep": GENERATE_KEEP,
 }
@@ -579,6 +583,10 @@ def _problems(cfg: Config, check_paths: bool, reported: set[str] = frozenset()) 
                    f"causal_lm, not {cfg.task} — use data.format=text, or task: causal_lm")
     out += _teachers_problems(cfg, check_paths)
     out += _generate_problems(cfg)
+    if tr.strategy == "fsdp" and r.source == "on_policy" and r.policy != "none":
+        out.append("train.strategy: fsdp cannot yet write the on-policy student (rank 0 saves it alone, the "
+                   "weights are sharded) — use train.strategy=ddp with refresh.source=on_policy, or "
+                   "refresh.source=teacher / resample")
     if 0 <= r.fraction <= 1 and r.policy in REFRESH_POLICIES:
         if r.policy != "none" and r.fraction == 0:
             out.append(f"refresh.fraction: 0 with refresh.policy={r.policy} refreshes nothing — set "

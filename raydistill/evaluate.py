@@ -24,6 +24,8 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
+from .chunked_loss import RowLogProbs
+
 __all__ = ["evaluate", "eval_input_ids", "evaluate_students"]
 
 
@@ -101,22 +103,43 @@ def _perplexity(ce: float) -> float:
     return math.exp(ce) if ce < 700 else float("inf")
 
 
-def _log_probs(model, batch: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 log-softmax of the logits that predict `batch[:, 1:]`: `[B, T, V]`."""
-    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
-    logits = model(input_ids=batch, **kw).logits[:, :-1, :]
-    return torch.log_softmax(logits.float(), dim=-1)
+def _chunk_sums(s_rows, t_rows, labels: torch.Tensor, chunk_tokens: int | None) -> dict:
+    """The figures' float64 sums over one batch's rows (`chunked_loss.RowLogProbs` of the student and
+    the teacher, either None; labels [rows]), a chunk of rows at a time: at most one chunk of
+    [rows, V] float32 log-probs per model exists, never [B, T, V]."""
+    from .chunked_loss import chunk_tokens_for
+
+    if s_rows is not None and t_rows is not None and s_rows.vocab != t_rows.vocab:
+        raise ValueError(f"student and teacher logits have different vocabulary sizes ({s_rows.vocab} vs "
+                         f"{t_rows.vocab}); KL needs one shared vocabulary")
+    sums = {"s_ce": 0.0, "t_ce": 0.0, "kl": 0.0, "agree": 0.0}
+    size = chunk_tokens_for((s_rows or t_rows).vocab, chunk_tokens)
+    for lo in range(0, labels.numel(), size):
+        hi, lab = min(lo + size, labels.numel()), labels[lo:lo + size, None]
+        s_lp = s_rows.log_probs(lo, hi) if s_rows is not None else None
+        t_lp = t_rows.log_probs(lo, hi) if t_rows is not None else None
+        if s_lp is not None:
+            sums["s_ce"] += -s_lp.gather(-1, lab).double().sum().item()
+        if t_lp is not None:
+            sums["t_ce"] += -t_lp.gather(-1, lab).double().sum().item()
+        if s_lp is not None and t_lp is not None:
+            # KL(p_t ‖ q_s) = Σ p_t (log p_t − log q_s); 0·log 0 terms are 0 (xlogy convention).
+            sums["kl"] += F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1).double().sum().item()
+            sums["agree"] += (s_lp.argmax(-1) == t_lp.argmax(-1)).sum().item()
+    return sums
 
 
 def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int = 8,
              device: str | torch.device = "cpu", loss_mask: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None) -> dict:
+             attention_mask: torch.Tensor | None = None, chunk_tokens: int | None = None) -> dict:
     """Evaluate `student` and `teacher` (loaded HF causal LMs; either may be None) on `input_ids`.
 
     input_ids: `[N, L]` int64, `L >= 2`. Models are moved to `device` and put in eval mode
     for the call (their previous train/eval mode is restored afterwards). loss_mask `[N, L]`
     (examples): only the positions j with loss_mask[:, j + 1] count, and "tokens" counts them;
-    attention_mask `[N, L]` goes to the models (right padding).
+    attention_mask `[N, L]` goes to the models (right padding). The figures are summed `chunk_tokens`
+    positions at a time (None: about 2^24 logits per chunk, `chunked_loss.chunk_tokens_for`), so eval
+    memory does not grow with batch_size × L × V.
 
     Returns (a part is left out when its model is None; KL and agreement need both models):
 
@@ -150,21 +173,10 @@ def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int =
 
                 labels = pick(batch[:, 1:])
                 tokens += labels.numel()
-                s_lp = pick(_log_probs(student, batch, am)) if student is not None else None
-                t_lp = pick(_log_probs(teacher, batch, am)) if teacher is not None else None
-                if s_lp is not None:
-                    sums["s_ce"] += -s_lp.gather(-1, labels.unsqueeze(-1)).double().sum().item()
-                if t_lp is not None:
-                    sums["t_ce"] += -t_lp.gather(-1, labels.unsqueeze(-1)).double().sum().item()
-                if s_lp is not None and t_lp is not None:
-                    if s_lp.shape[-1] != t_lp.shape[-1]:
-                        raise ValueError(
-                            f"student and teacher logits have different vocabulary sizes "
-                            f"({s_lp.shape[-1]} vs {t_lp.shape[-1]}); KL needs one shared vocabulary")
-                    # KL(p_t ‖ q_s) = Σ p_t (log p_t − log q_s); 0·log 0 terms are 0 (xlogy convention).
-                    kl = F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1)
-                    sums["kl"] += kl.double().sum().item()
-                    sums["agree"] += (s_lp.argmax(-1) == t_lp.argmax(-1)).sum().item()
+                kw = {} if am is None else {"attention_mask": am}
+                rows = [None if m is None else RowLogProbs(m, batch, keep, **kw) for m in (student, teacher)]
+                for k, v in _chunk_sums(*rows, labels, chunk_tokens).items():
+                    sums[k] += v
     finally:
         for k, m in models.items():
             if m is not None:

@@ -11,10 +11,14 @@ loss step (`loss_step`: forward, loss, backward — the one place the loss is co
 optimizer step (`optimizer_step`), log and checkpoint (`log_and_checkpoint`). What differs
 between tasks (which model class, which logits and labels) comes from `tasks.get_task(cfg)`.
 
-Checkpoints are directories:
+`train.strategy` says how the student is spread over the workers (`sharding`): `ddp` (a whole
+student per rank) or `fsdp` (torch FSDP2: parameters, gradients and optimizer state sharded).
+
+Checkpoints are directories (full, unsharded state dicts under either strategy: `sharding`):
 
     model.safetensors     student weights (loaded without pickle)
-    optimizer.pt          optimizer + LR-scheduler state (torch.load(weights_only=True))
+    optimizer.pt          optimizer + LR-scheduler state (torch.load(weights_only=True)), and how the
+                          optimizer state is keyed (`format`: by_index for ddp, by_name for fsdp)
     state.json            step, epoch, config, loss history, the result-changing settings
     student/              (final checkpoint only) save_pretrained of the student
 
@@ -30,7 +34,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -44,6 +47,8 @@ from .chunked_loss import chunk_tokens_for, fused_distill_loss, use_fused
 from .losses import ce_loss, distill_loss, temperature_at
 from .tasks.base import Task
 from .shard_reader import store_dataset
+from .sharding import (full_state, gradient_sync, load_full_state, local_share, optimizer_format,
+                       prepare_student, save_pretrained)
 from .targets import decode, from_logits
 
 if TYPE_CHECKING:
@@ -101,18 +106,19 @@ def dataset_schema(what: str, fmt: str, vocab_size: int, task=None) -> pa.Schema
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: str, model, optimizer, scheduler, state: dict, *, export_dir=None) -> None:
+def save_checkpoint(path: str, model, weights: dict, optimizer_state: dict, scheduler, state: dict, *,
+                    export_dir=None) -> None:
+    """Rank 0 writes `sharding.full_state`'s dicts (gathered on every rank before: FSDP all-gathers)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     save_file(_untie(weights), os.path.join(path, "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(path, "optimizer.pt"))
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "format": optimizer_format(model)}, os.path.join(path, "optimizer.pt"))
     with open(os.path.join(path, "state.json"), "w") as f:
         json.dump(state, f)
     if export_dir:
-        unwrap(model).save_pretrained(os.path.join(path, export_dir))
+        save_pretrained(model, os.path.join(path, export_dir), weights)
 
 
 def _untie(weights: dict) -> dict:
@@ -128,9 +134,14 @@ def _untie(weights: dict) -> dict:
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
-    unwrap(model).load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
     opt = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
+    written, now = opt.get("format", "by_index"), optimizer_format(model)
+    if written != now:
+        strategy = {"by_index": "ddp", "by_name": "fsdp"}
+        raise ValueError(f"the checkpoint {path} was written with train.strategy={strategy[written]}, this run uses "
+                         f"train.strategy={strategy[now]}: resume with train.strategy={strategy[written]}, or "
+                         f"start afresh with a new run.name")
+    load_full_state(model, optimizer, load_file(os.path.join(path, "model.safetensors")), opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)
@@ -160,6 +171,13 @@ class SeqIdAudit:
     def add(self, batch: pa.Table) -> None:
         if self.directory:
             self.ids.append(batch.column("seq_id").to_numpy())
+
+    def record(self, name: str, value) -> None:
+        """A JSON fact of this rank (e.g. the parameter elements it holds under FSDP)."""
+        if self.directory:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(os.path.join(self.directory, f"{self.label}-rank{self.rank}-{name}.json"), "w") as f:
+                json.dump(value, f)
 
     def close_epoch(self, epoch: int) -> None:
         if self.directory and self.ids:
@@ -209,7 +227,7 @@ class Trainer:
         student = self.task.build_student(seed=cfg.run.seed)
         if t.gradient_checkpointing:
             student.gradient_checkpointing_enable()  # activations recomputed per layer in backward
-        self.model = ray.train.torch.prepare_model(student)
+        self.model = prepare_student(student, t.strategy, self.world, plan.label)
         self.fused = None  # decided on the first batch (chunked_loss.use_fused needs its size)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         warmup = warmup_steps_for(t, plan.total_steps)
@@ -229,6 +247,7 @@ class Trainer:
 
             self.refresh = RefreshClient(plan.refresh)
         self.audit = SeqIdAudit(plan.audit_dir, plan.label, self.rank)
+        self.audit.record("params", dict(zip(("local", "total"), local_share(self.model)), strategy=t.strategy))
         self.start = self.last_log = time.perf_counter()
         self.tokens_since = 0
 
@@ -309,7 +328,7 @@ class Trainer:
         logits + loss lines). Gradients are all-reduced only on the micro-batch that completes a step."""
         t, model = self.cfg.train, self.model
         labels = self.task.labels(inputs)
-        with model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext():
+        with gradient_sync(model, sync):
             if self._fused(inputs, labels):
                 # LM head + loss chunk by chunk: the same value and gradients, no [B, P, V] logits.
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -373,14 +392,15 @@ class Trainer:
 
         metrics = {"step": self.step, "loss": self.history[-1]["loss"] if self.history else float("nan"),
                    "resumed_from_step": -1 if self.resumed_from is None else self.resumed_from}
+        weights, optimizer_state = full_state(self.model, self.optimizer, self.rank)  # FSDP: every rank gathers
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
         state = {"step": self.step, "history": self.history, "config": self.plan.config,
                  "resumed_from": self.resumed_from, "result_keys": self.plan.result_keys(),
-                 "config_changes": self.config_changes}
+                 "config_changes": self.config_changes, "strategy": self.cfg.train.strategy}
         with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(d, self.model, self.optimizer, self.lr_schedule, state,
+            save_checkpoint(d, self.model, weights, optimizer_state, self.lr_schedule, state,
                             export_dir="student" if final else None)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 

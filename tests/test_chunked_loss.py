@@ -328,3 +328,43 @@ def test_model_hidden_refuses_a_model_that_scales_its_logits():
     model = LlamaForCausalLM(cfg)
     with pytest.raises(ValueError, match="logit_scale.*train.fused_loss=false"):
         model_hidden(model, torch.zeros(1, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+def test_eval_metrics_chunked_equal_dense(tiny_dir, llama_pair):
+    """evaluate's CE / KL / agreement summed chunk by chunk of positions (5 rows; a 128k Llama's auto
+    chunk) equal the dense full-batch reference (test_evaluate._reference), also over a loss mask."""
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.chunked_loss import RowLogProbs
+    from raydistill.evaluate import evaluate
+    from test_evaluate import _reference
+
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "gpt2-student"))
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "llama-teacher"))
+    ids = torch.randint(0, student.config.vocab_size, (7, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert not RowLogProbs(student, ids).full and not RowLogProbs(teacher, ids).full  # head-only chunks
+    cases = [(student, teacher, ids, 5), (llama_pair[1], llama_pair[0], llama_pair[2], None)]
+    for s, t, x, chunk in cases:
+        s_ce, t_ce, kl, agree = _reference(s, t, x)
+        out = evaluate(s, t, x, batch_size=3, chunk_tokens=chunk)
+        assert out["tokens"] == x[:, 1:].numel()
+        assert out["student"]["ce"] == pytest.approx(s_ce, rel=1e-5)
+        assert out["teacher"]["ce"] == pytest.approx(t_ce, rel=1e-5)
+        assert out["student"]["kl_teacher_student"] == pytest.approx(kl, rel=1e-5, abs=1e-6)
+        assert out["student"]["top1_agreement"] == pytest.approx(agree, abs=1.0 / out["tokens"])
+
+    mask = torch.ones_like(ids)
+    mask[:, :6] = 0  # the first 5 positions predict prompt tokens: no loss
+    keep = mask[:, 1:].bool()
+    with torch.no_grad():
+        s_lp = F.log_softmax(student.eval()(input_ids=ids).logits[:, :-1].float(), -1)[keep]
+        t_lp = F.log_softmax(teacher.eval()(input_ids=ids).logits[:, :-1].float(), -1)[keep]
+    labels = ids[:, 1:][keep]
+    out = evaluate(student, teacher, ids, batch_size=2, chunk_tokens=4, loss_mask=mask)
+    assert out["tokens"] == int(keep.sum())
+    assert out["student"]["ce"] == pytest.approx(F.nll_loss(s_lp, labels).item(), rel=1e-5)
+    kl = F.kl_div(s_lp, t_lp, log_target=True, reduction="batchmean").item()
+    assert out["student"]["kl_teacher_student"] == pytest.approx(kl, rel=1e-5)
