@@ -374,3 +374,28 @@ def test_store_of_examples_pass_fit_and_metrics(example_runs, tiny_dir):
     per_token = {k: sum(example_runs[k]["store"].current(s)["bytes"] for s in example_runs[k]["store"].shard_ids())
                  / real for k in ("response", "all")}
     assert per_token["all"] > per_token["response"] * 1.2, per_token
+
+
+@pytest.mark.slow
+def test_chat_rows_through_ray_data_equal_the_driver_path(ray_session, tmp_path, tiny_dir):
+    """A large corpus streams through Ray Data (list<struct> messages arrive as numpy objects): the
+    same rows as the driver's in-process read of a small one."""
+    from raydistill.data import packed_in_process, resolve_corpus, sequences_dataset
+
+    corpus = tiny.write_examples(str(tmp_path / "chat.parquet"), tiny.example_pairs(40), kind="chat")
+    cfg = _cfg(tmp_path, tiny_dir, corpus, "data.format=chat", f"data.chat_template={tiny.CHAT_TEMPLATE!r}")
+    fs, files, fmt = resolve_corpus(cfg.data)
+    teacher, eos = str(tiny_dir / "gpt2-teacher"), 0
+
+    def stacked(batches):
+        batches = list(batches)
+        return {k: np.concatenate([b[k][b["valid"]] for b in batches])
+                for k in ("input_ids", "loss_mask", "length")}, sum(int(b["docs"].sum()) for b in batches)
+
+    ray_rows, ray_docs = stacked(sequences_dataset(cfg, fs, files, fmt, teacher, eos).iter_batches(
+        batch_size=None, batch_format="numpy"))
+    local_rows, local_docs = stacked(packed_in_process(cfg, fs, files, fmt, teacher, eos))
+    assert ray_docs == local_docs == len(local_rows["length"]) > 30
+    for k in local_rows:
+        assert np.array_equal(ray_rows[k], local_rows[k]), k
+    assert (local_rows["loss_mask"].sum(1) > 0).all()
