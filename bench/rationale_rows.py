@@ -31,15 +31,17 @@ setup_env()
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
-def teacher_dir(steps: int, seed: int) -> str:
-    """The trained teacher (cached by its step count and seed)."""
+def teacher_dir(steps: int, width: int, seed: int) -> str:
+    """The trained teacher (cached by its step count, width and seed)."""
     import arith_data
 
-    path = os.path.join(CACHE, f"arith-teacher-{steps}-s{seed}")
+    path = os.path.join(CACHE, f"arith-teacher-{steps}-w{width}-s{seed}")
     if not os.path.exists(os.path.join(path, "config.json")):
         tok = arith_data.make_char_tokenizer(path + ".tok")
         start = time.perf_counter()
-        _, loss = arith_data.train_teacher(path + ".tmp", tok, arith_data.pairs()[2000:], steps=steps, seed=seed)
+        _, loss = arith_data.train_teacher(path + ".tmp", tok, arith_data.pairs()[2000:], steps=steps, seed=seed,
+                                           batch=32, n_embd=width,
+                                           progress=lambda s, l: print(f"teacher step {s} loss {l:.3f}", flush=True))
         os.rename(path + ".tmp", path)
         print(f"teacher: {steps} steps in {time.perf_counter() - start:.0f} s, final loss {loss:.3f}", flush=True)
     return path
@@ -72,6 +74,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--teacher-width", type=int, default=64)
     p.add_argument("--student-steps", type=int, default=300)
     p.add_argument("--rows", type=int, default=1200)
     p.add_argument("--eval-fraction", type=float, default=0.2)
@@ -80,7 +83,7 @@ def main() -> None:
 
     root = os.path.join(TMP, f"rationale-{int(time.time())}")
     os.makedirs(root)
-    teacher = teacher_dir(args.teacher_steps, 1)
+    teacher = teacher_dir(args.teacher_steps, args.teacher_width, 1)
     corpus = arith_data.write_corpus(os.path.join(root, "qa.parquet"), arith_data.pairs()[:args.rows])
     results = {}
     for name, rationale in (("rationale", True), ("answer_only", False)):

@@ -27,9 +27,7 @@ every row is recoverable (`prompt_seq_id`) and no generated id collides with a c
 from __future__ import annotations
 
 import hashlib
-import os
 import time
-from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +36,7 @@ import pyarrow.parquet as pq
 from . import faults
 from .errors import CorruptShardError
 from .log import log
+from .teacher import TeacherReplica
 
 GEN_SEQ_BASE = 1 << 40
 SOURCE = "teacher_generated"
@@ -143,55 +142,37 @@ def read_prompts_file(store, rec: dict) -> pa.Table:
     return pq.read_table(pa.BufferReader(data))
 
 
-class GenerateReplica:
-    """One teacher replica of a generation pass (a `map_batches` callable class on a Ray Data actor)."""
+class GenerateReplica(TeacherReplica):
+    """One teacher replica of a generation pass: a TeacherReplica (same loading, placement and `map_batches`
+    protocol, one shard task per batch) whose per-shard method generates instead of scoring."""
 
-    def __init__(self, *, config: dict, store_uri: str, vocab_size: int, fault: dict | None = None):
-        import torch
+    def __init__(self, *, config: dict, vocab_size: int, store_uri: str, fault: dict | None = None):
+        from .models import load_tokenizer
 
+        super().__init__(config=config, targets={}, vocab_size=vocab_size, store_uri=store_uri, fault=fault)
         from .config import Config
         from .instruct import pad_id_of
-        from .models import load_tokenizer
-        from .store import SoftTargetStore
-        from .tasks import get_task
 
-        cfg = Config.from_dict(config, check_paths=False)
-        t = cfg.teacher
-        torch.set_num_threads(max(1, int(t.cpus_per_replica)))
-        self.cfg, self.fault, self.done = cfg, fault, 0  # fault: test hook (faults.teacher_fault)
-        self.device = "cuda" if t.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        device_map = "auto" if t.gpus_per_replica > 1 else None
-        self.task = get_task(cfg)
-        self.model = self.task.load_model(os.path.expanduser(t.model), dtype=t.dtype,
-                                              trust_remote_code=t.trust_remote_code,
-                                              allow_pickle_weights=t.allow_pickle_weights, revision=t.revision,
-                                              device_map=device_map)
-        if device_map is None:
-            self.model.to(self.device)
+        self.cfg = Config.from_dict(config, check_paths=False)
+        t = self.cfg.teacher
         self.tokenizer = load_tokenizer(t.model, trust_remote_code=t.trust_remote_code, revision=t.revision)
         self.pad_id, self.eos_id = pad_id_of(self.tokenizer), self.tokenizer.eos_token_id
-        self.store, self.vocab_size = SoftTargetStore(store_uri), vocab_size
 
-    def __call__(self, batch: dict) -> dict:
-        out = defaultdict(list)
-        for i in range(len(batch["shard_id"])):
-            res = self.generate_shard(str(batch["shard_id"][i]), str(batch["prompts"][i]),
-                                      str(batch["prompts_checksum"][i]), str(batch["output"][i]),
-                                      int(batch["seed"][i]))
-            for k, v in res.items():
-                out[k].append(v)
-        return {k: np.asarray(v) for k, v in out.items()}
+    def score_shard(self, shard_id: str, version: int, inputs: str, seed: int, policy_version: int) -> dict:
+        """Generation `version` of shard `shard_id` from the prompts file `inputs` (the name is the
+        pool's protocol; `policy_version` is unused: the teacher wrote these rows)."""
+        return self.generate_shard(shard_id, inputs, version, seed)
 
-    def generate_shard(self, shard_id: str, prompts_rel: str, checksum: str, output: str, seed: int) -> dict:
+    def generate_shard(self, shard_id: str, prompts_rel: str, generation: int, seed: int) -> dict:
         import torch
 
         from .instruct import prompt_ids
 
         start = time.perf_counter()
-        self.done += 1
-        faults.at_teacher_shard(self.fault, "before_write", self.done)
+        self.scored += 1
+        faults.at_teacher_shard(self.fault, "before_write", self.scored)
         g, seq_len = self.cfg.generate, self.cfg.data.seq_len
-        table = read_prompts_file(self.store, {"input": prompts_rel, "checksum": checksum})
+        table = read_prompts_file(self.store, planned_shards(self.cfg, self.store)[shard_id])
         prompts = [apply_template(self.tokenizer, prompt_ids(a, m), g.prompt_template)
                    for a, m in zip(table["input_ids"].to_pylist(), table["loss_mask"].to_pylist())]
         torch.manual_seed(seed)  # sampling draws from the global generator: one seed per shard task
@@ -209,15 +190,20 @@ class GenerateReplica:
                                         device=self.device)
         rows = generated_rows(prompts, responses, table["seq_id"].to_numpy(), seq_len=seq_len,
                               pad_id=self.pad_id, num_return_sequences=g.num_return_sequences)
+        output = generated_path(shard_id, generation)
         written = self.store.write_file(output, rows_table(rows, self.vocab_size,
                                                                self.task.input_schema(self.vocab_size)))
-        faults.at_teacher_shard(self.fault, "after_write", self.done)
+        faults.at_teacher_shard(self.fault, "after_write", self.scored)
         return {"shard_id": shard_id, "input": output, "rows": written["rows"], "checksum": written["checksum"],
                 "bytes": written["bytes"], "prompts": len(prompts), "truncated": rows["truncated"],
                 "tokens": int(rows["loss_mask"].sum()), "seconds": time.perf_counter() - start}
 
 
 # ---------------------------------------------------------------------------------------- driver
+
+
+def generated_path(shard_id: str, generation: int) -> str:
+    return f"inputs/generated/{shard_id}-g{int(generation)}.parquet"
 
 
 def _prompts_record(rec: dict) -> dict:
@@ -262,9 +248,8 @@ def run_generation_pass(cfg, store, shard_ids: list[str], *, vocab_size: int, te
     tasks = []
     for sid in shard_ids:
         k = int(current.get(sid, {}).get("generation", 0)) + 1
-        tasks.append({"shard_id": sid, "prompts": planned[sid]["input"],
-                      "prompts_checksum": planned[sid].get("checksum") or "", "generation": k,
-                      "output": f"inputs/generated/{sid}-g{k}.parquet", "seed": task_seed(cfg.run.seed, sid, k)})
+        tasks.append({"shard_id": sid, "version": k, "inputs": planned[sid]["input"],
+                      "seed": task_seed(cfg.run.seed, sid, k), "policy_version": -1})
     stats = {"source": SOURCE, "step": step, "shards": 0, "rows": 0, "prompts": 0, "tokens": 0, "truncated": 0,
              "inputs": {}, "records": {}}
     start = time.perf_counter()
@@ -276,7 +261,7 @@ def run_generation_pass(cfg, store, shard_ids: list[str], *, vocab_size: int, te
             sid = str(row["shard_id"])
             rec = {"input": str(row["input"]), "rows": int(row["rows"]), "checksum": str(row["checksum"]),
                    "bytes": int(row["bytes"]), "source": SOURCE, "prompts": planned[sid], "generate": params,
-                   "teacher_rev": teacher_rev, "generation": by_id[sid]["generation"], "produced_at_step": step}
+                   "teacher_rev": teacher_rev, "generation": by_id[sid]["version"], "produced_at_step": step}
             if record:
                 _record_inputs(store, {sid: rec})
             stats["inputs"][sid], stats["records"][sid] = rec["input"], rec

@@ -66,6 +66,7 @@ def _rows(tok, qa, template: str | None, respond) -> list[tuple[list[int], list[
 
 
 def _batch(rows, seq_len: int, pad: int):
+    seq_len = min(seq_len, max(len(p) + len(r) for p, r in rows))  # pad to the batch's longest only
     ids = torch.full((len(rows), seq_len), pad)
     labels = torch.full((len(rows), seq_len), -100)
     for i, (p, r) in enumerate(rows):
@@ -76,11 +77,14 @@ def _batch(rows, seq_len: int, pad: int):
 
 
 def train_teacher(out_dir: str, tok, qa: list[tuple[int, int]], *, steps: int = 1500, batch: int = 64,
-                  n_layer: int = 2, n_embd: int = 64, seq_len: int = 64, lr: float = 3e-3, seed: int = 1):
-    """A GPT-2 trained to write TEMPLATE(question) -> rationale + answer; saved (safetensors + tokenizer)."""
+                  n_layer: int = 2, n_embd: int = 64, seq_len: int = 64, lr: float = 3e-3, seed: int = 1,
+                  progress=None):
+    """A GPT-2 trained to write TEMPLATE(question) -> rationale + answer; saved (safetensors + tokenizer).
+    `progress(step, loss)` is called every 100 steps."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    torch.set_num_threads(1)  # a shared, loaded machine: 2 threads per op mostly wait for each other
     eos = tok.eos_token_id
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=n_layer, n_embd=n_embd, n_head=2,
                                        n_positions=seq_len, bos_token_id=eos, eos_token_id=eos))
@@ -89,9 +93,11 @@ def train_teacher(out_dir: str, tok, qa: list[tuple[int, int]], *, steps: int = 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
     g = random.Random(seed)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         ids, labels = _batch(g.sample(rows, batch), seq_len, eos)
         loss = model(input_ids=ids, labels=labels).loss
+        if progress is not None and step % 100 == 0:
+            progress(step, loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -99,4 +105,4 @@ def train_teacher(out_dir: str, tok, qa: list[tuple[int, int]], *, steps: int = 
     model.eval()
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    return model, float(loss)
+    return model, loss.item()
