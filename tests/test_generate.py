@@ -270,3 +270,50 @@ def test_refresh_teacher_source_regenerates_generated_shards(base_store, tmp_pat
     assert shard["input_ids"].equals(new["input_ids"])
     assert all(store.current(s)["version"] == 1 for s in sids[1:])
     store.release_lease()
+
+
+class OracleModel:
+    """Unit-test stand-in for a causal LM's generate(): answers each (left-padded) addition prompt with
+    its rationale, wrong (+1) on every third prompt. Checks answers.py's own logic: templating, gold
+    matching, parsing after the prefix."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            text = self.tok.decode([t for t, m in zip(ids, mask) if m])
+            assert text.endswith(arith_data.TEMPLATE.format(prompt="")), text  # asked as in training
+            a, b = map(int, text.split("=")[0].split("+"))
+            wrong = self.calls % 3 == 2
+            self.calls += 1
+            r = arith_data.rationale(a, b + wrong)
+            rows.append(ids + self.tok(r, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id])
+        width = max(map(len, rows))
+        return torch.tensor([r + [self.tok.eos_token_id] * (width - len(r)) for r in rows])
+
+
+def test_answer_accuracy_logic(models, tmp_path):
+    from raydistill.answers import answer_accuracy, parse_answer
+    from raydistill.data import inputs_table
+    from raydistill.instruct import render_rows
+    from raydistill.tasks import get_task
+
+    assert parse_answer(" 7+8=15,5+6+1=12;A:125", "A:") == "125"
+    assert parse_answer("A:1 A: 42\nmore", "A:") == "42" and parse_answer("no answer", "A:") is None
+    assert parse_answer(" 99 \nx", None) == "99"
+    cfg = gen_cfg(tmp_path, *models, rationale__answer_prefix="'A:'", data__answer_column="answer",
+                  teacher__batch_size=4, generate__max_new_tokens=30, data__seq_len=64)
+    tok = load_tokenizer(str(models[0]))
+    qa = arith_data.pairs(seed=3)[:10]
+    rows = render_rows(tok, [{"question": arith_data.question(a, b), "response": f"A:{a + b}"} for a, b in qa],
+                       cfg.data)
+    extra = {"loss_mask": rows["loss_mask"], "length": rows["length"][:, None]}
+    schema = get_task(cfg).input_schema(len(tok))
+    table = inputs_table(np.arange(10), rows["input_ids"], len(tok), extra=extra, schema=schema)
+    acc, counts = answer_accuracy(cfg, OracleModel(tok), table)
+    assert counts == {"prompts": 10, "matched": 10} and acc == pytest.approx(7 / 10)  # calls 2, 5, 8 wrong
