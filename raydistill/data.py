@@ -21,6 +21,10 @@ corpus, tokenizer and seq_len always give the same seq_ids and shards: a re-run 
 already recorded and skips this phase. Only one shard's rows are held in memory at a time.
 
 Rows whose text is empty, not a string or not valid UTF-8 are skipped and counted (`skipped_rows`).
+
+`data.format: chat | prompt_response` (instruction data): the task's stage is `instruct.render_batch`
+instead, one example per row, no packing; its extra columns (loss_mask, length) are carried into the
+input shards and the eval file beside input_ids, typed by the task's `input_schema`.
 """
 from __future__ import annotations
 
