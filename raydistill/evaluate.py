@@ -113,6 +113,8 @@ def _chunk_sums(s_rows, t_rows, labels: torch.Tensor, chunk_tokens: int | None) 
         raise ValueError(f"student and teacher logits have different vocabulary sizes ({s_rows.vocab} vs "
                          f"{t_rows.vocab}); KL needs one shared vocabulary")
     sums = {"s_ce": 0.0, "t_ce": 0.0, "kl": 0.0, "agree": 0.0}
+    if s_rows is None and t_rows is None:
+        return sums
     size = chunk_tokens_for((s_rows or t_rows).vocab, chunk_tokens)
     for lo in range(0, labels.numel(), size):
         hi, lab = min(lo + size, labels.numel()), labels[lo:lo + size, None]
