@@ -223,6 +223,7 @@ class Config:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     teachers: list[TeacherEntry] = field(default_factory=list)  # several teachers; `teacher` is then the first
     routing: RoutingConfig | None = None                          # which teacher teaches which row (teachers only)
+    compare_single_teacher: str | None = None  # teachers: also train the same student from this teacher alone
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     rationale: RationaleConfig = field(default_factory=RationaleConfig)
 
@@ -235,8 +236,9 @@ class Config:
         d = dataclasses.asdict(self)
         # One of the two, as a config file has it: `teacher` is derived from teachers[0].
         d.pop("teacher" if self.teachers else "teachers")
-        if self.routing is None:  # (no section: a one-teacher config's dict is what it always was)
-            d.pop("routing")
+        for key in ("routing", "compare_single_teacher"):  # unset: a one-teacher config's dict as it was
+            if d[key] is None:
+                d.pop(key)
         return d
 
     def to_yaml(self) -> str:
@@ -681,8 +683,11 @@ def _teachers_section(cfg: Config, d: Mapping) -> list[str]:
 def _teachers_problems(cfg: Config, check_paths: bool) -> list[str]:
     """Each teacher entry's keys (the teacher.* rules), unique names, and routing against the names."""
     out, seen = [], set()
+    if cfg.compare_single_teacher is not None and cfg.compare_single_teacher not in [e.name for e in cfg.teachers]:
+        out.append(f"compare_single_teacher: {cfg.compare_single_teacher!r} is not a teacher — use one of "
+                   f"{', '.join(str(e.name) for e in cfg.teachers) or '(no teachers: set teachers:)'}, or null")
     if cfg.routing is not None and not cfg.teachers:
-        return ["routing: set without teachers: — routing picks one of several teachers per row; list them "
+        return out + ["routing: set without teachers: — routing picks one of several teachers per row; list them "
                 "under teachers:, or remove routing"]
     for i, entry in enumerate(cfg.teachers):
         key = f"teachers[{i}]"

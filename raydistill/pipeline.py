@@ -66,6 +66,13 @@ def run(cfg) -> dict:
             history["hard_label"] = base["history"]
             students["hard_label_student"] = export_student(base_result, cfg, out, "hard_label_student")
             clock.lap("train_hard_label")
+        if cfg.compare_single_teacher:  # the same student from one teacher alone (its pass over the others' rows first)
+            name = cfg.compare_single_teacher
+            passes += [p for p in [teachers.score_single(cfg, store, info.vocab_size, name, metrics)] if p]
+            single, single_result = teachers.train_single_teacher(cfg, store, info.vocab_size, name)
+            history[f"single_{name}"] = single["history"]
+            students[f"single_{name}_student"] = export_student(single_result, cfg, out, f"single_{name}_student")
+            clock.lap("train_single_teacher")
         wait_for_nodes(cfg, "eval")
         evaluation = add_answer_accuracy(cfg, store, students, evaluate_students(cfg, store, students))
         if cfg.teachers:  # the student against each teacher, on its own rows and on all rows

@@ -72,7 +72,7 @@ def for_teacher(cfg, name: str):
     evaluation take (they read `cfg.teacher`)."""
     entry = next(e for e in cfg.teachers if e.name == name)
     teacher = TeacherConfig(**{f.name: getattr(entry, f.name) for f in dataclasses.fields(TeacherConfig)})
-    return dataclasses.replace(cfg, teacher=teacher, teachers=[], routing=None)
+    return dataclasses.replace(cfg, teacher=teacher, teachers=[], routing=None, compare_single_teacher=None)
 
 
 def revisions(cfg) -> dict[str, str]:
@@ -337,6 +337,56 @@ def refresh_pass(cfg, store, decision, on_commit, *, pool_for, vocab_size: int, 
             "teachers": {p["teacher"]: {k: p[k] for k in ("rows", "tokens", "seconds")} for p in passes}}
 
 
+# ---------------------------------------------------------------- compare_single_teacher
+
+class _SingleTeacherView:
+    """The store as `train.fit_student` sees it for a student of one teacher alone: the same input
+    rows, each shard read as that teacher's own targets (its routed shard, or its component)."""
+
+    def __init__(self, store, shard_ids: list[str]):
+        self.uri, self._store, self._ids = store.uri, store, shard_ids
+
+    def shard_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def manifest(self) -> dict:
+        return self._store.manifest()
+
+
+def single_teacher_ids(store, name: str) -> list[str]:
+    """What a student of `name` alone trains on: `name`'s routed shards, and `name`'s component of
+    every other shard (mixture components exist; others' routed shards get one from `score_single`)."""
+    return sorted(sid if g == name else component_id(sid, name) for sid, g in shard_groups(store).items())
+
+
+def score_single(cfg, store, vocab_size: int, name: str, metrics=None) -> dict | None:
+    """`name`'s pass over the rows the other teachers teach alone: what compare_single_teacher costs
+    in teacher compute (resumable like any pass; never part of the run's own student)."""
+    from .teacher import run_teacher_pass, target_params
+
+    groups, rev = shard_groups(store), revisions(cfg)[name]
+    extra = [component_id(sid, name) for sid, g in groups.items() if g not in (name, MIXTURE)]
+    todo = store.pending(rev, target_params(cfg.targets), extra)
+    if not todo:
+        return None
+    inputs = store.manifest()["inputs"]["shards"]
+    log(f"compare_single_teacher: teacher {name} scores the {len(todo)} shard(s) other teachers teach")
+    return run_teacher_pass(for_teacher(cfg, name), store, todo, vocab_size=vocab_size, teacher_rev=rev, step=-1,
+                            source="compare_single_teacher", seed=cfg.run.seed, metrics=metrics, teacher=name,
+                            inputs={c: inputs[parent_id(c)]["input"] for c in todo})
+
+
+def train_single_teacher(cfg, store, vocab_size: int, name: str):
+    """The same student distilled from teacher `name` alone (no refresh): (final state, result)."""
+    from .train import fit_student, read_final_state
+
+    view = _SingleTeacherView(store, single_teacher_ids(store, name))
+    result, _ = fit_student(cfg, view, vocab_size, label=f"single_{name}")
+    if result.error:
+        raise result.error
+    return read_final_state(result), result
+
+
 # ---------------------------------------------------------------- the mixture
 
 def mix_revision(components: dict[str, dict], weights_: dict[str, float]) -> str:
@@ -462,8 +512,8 @@ def evaluate(cfg, store, student_dirs: dict, max_rows: int = 512) -> dict:
 
 def report_section(cfg, store, passes: list[dict], refresh: dict | None, step: int) -> dict:
     """Per teacher: what it teaches (routed and mixture rows, tokens), its teacher compute (initial
-    and refresh passes: forward tokens and seconds), its revision and the largest age at `step` of
-    the targets it produced."""
+    and refresh passes, and the compare_single_teacher pass: forward tokens; seconds of all), its
+    revision and the largest age at `step` of the targets it produced."""
     m, groups = store.manifest(), shard_groups(store)
     rows_of = {sid: rec["rows"] for sid, rec in m["inputs"]["shards"].items()}
     seq_len = int(m["inputs"]["info"].get("seq_len") or cfg.data.seq_len)
@@ -473,13 +523,15 @@ def report_section(cfg, store, passes: list[dict], refresh: dict | None, step: i
         routed = sum(rows_of.get(s, 0) for s, g in groups.items() if g == e.name)
         mixture = sum(rows_of.get(s, 0) for s, g in groups.items() if g == MIXTURE)
         mine = [p for p in passes if p.get("teacher") == e.name]
+        compare = [p for p in mine if p.get("source") == "compare_single_teacher"]
         again = [p["teachers"][e.name] for p in refresh_log if e.name in (p.get("teachers") or {})]
         produced = [rec["produced_at_step"] for s in taught_by(groups, e.name) if (rec := store.current(s))]
         out[e.name] = {"model": e.model, "weight": e.weight, "teacher_rev": revisions(cfg)[e.name],
                        "routed_rows": routed, "mixture_rows": mixture, "rows": routed + mixture,
                        "tokens": (routed + mixture) * seq_len,
-                       "teacher_tokens": {"initial": sum(p["tokens"] for p in mine),
-                                          "refresh": sum(p["tokens"] for p in again)},
+                       "teacher_tokens": {"initial": sum(p["tokens"] for p in mine if p not in compare),
+                                          "refresh": sum(p["tokens"] for p in again),
+                                          "compare_single_teacher": sum(p["tokens"] for p in compare)},
                        "teacher_seconds": round(sum(p["seconds"] for p in mine + again), 3),
                        "max_age": step - min(produced) if produced else None}
     return out

@@ -272,11 +272,15 @@ def test_new_revision_of_one_teacher_rescores_only_its_rows(built, models):
 @pytest.mark.slow
 def test_end_to_end_run_reports_each_teacher(built):
     """pipeline.run on the built store (last: it reuses what the earlier tests scored): the student
-    trains from routed and mixed shards; the report has each teacher's rows, compute and eval."""
+    trains from routed and mixed shards; the report has each teacher's rows, compute and eval; with
+    compare_single_teacher the same student is also trained from teacher `code` alone."""
+    import dataclasses
+
     from raydistill import pipeline
     from raydistill.teachers import report_section, shard_groups
 
-    cfg, store = built["cfg"], built["store"]
+    cfg = dataclasses.replace(built["cfg"], compare_single_teacher="code")
+    store = built["store"]
     report = pipeline.run(cfg)
     groups, shards = shard_groups(store), store.manifest()["inputs"]["shards"]
     info = store.manifest()["inputs"]["info"]
@@ -286,14 +290,24 @@ def test_end_to_end_run_reports_each_teacher(built):
         assert t["routed_rows"] == sum(shards[s]["rows"] for s, g in groups.items() if g == name)
         assert t["mixture_rows"] == sum(shards[s]["rows"] for s, g in groups.items() if g == "mixture")
         assert t["tokens"] == t["rows"] * SEQ_LEN
-        assert t["teacher_tokens"] == {"initial": 0, "refresh": 0}      # this run found everything scored
+        prose_rows = report["teachers"]["prose"]["routed_rows"]
+        compare = prose_rows * SEQ_LEN if name == "code" else 0   # code scored prose's rows for the comparison
+        assert t["teacher_tokens"] == {"initial": 0, "refresh": 0, "compare_single_teacher": compare}
         # ... and the module's first build: each teacher's forward tokens = the rows it teaches, once.
         first = report_section(cfg, store, built["passes"], None, 0)[name]
         assert first["teacher_tokens"]["initial"] == t["rows"] * SEQ_LEN and first["teacher_seconds"] > 0
         ev = report["eval"]["teachers"][name]
         assert ev["all_rows"]["eval_sequences"] == info["eval_rows"]
         assert ev["own_rows"]["eval_sequences"] == info["groups"][name]["eval_rows"] > 0
-        assert math.isfinite(ev["own_rows"]["student"]["ce"]) and math.isfinite(ev["all_rows"]["student"]["ce"])
+        for label in ("student", "single_code_student"):
+            assert all(math.isfinite(ev[part][label]["ce"]) for part in ("own_rows", "all_rows"))
+    # compare_single_teacher: code's own targets for prose's rows, and a student trained on them alone.
+    for sid in (s for s, g in groups.items() if g == "prose"):
+        rec = store.current(component_id(sid, "code"))
+        assert rec["teacher"] == "code" and rec["source"] == "compare_single_teacher"
+        assert rec["rows"] == shards[sid]["rows"]
+    assert report["history"]["single_code"] and os.path.isdir(report["outputs"]["student"])
+    assert [p["teacher"] for p in report["teacher_passes"]] == ["code"]
     # The same student and rows, two teachers: the KL to each differs (each is measured against its own).
     assert (report["eval"]["teachers"]["code"]["all_rows"]["student"]["kl_teacher_student"]
             != report["eval"]["teachers"]["prose"]["all_rows"]["student"]["kl_teacher_student"])
@@ -331,6 +345,8 @@ def test_config_refusals(models, corpus, tmp_path):
         "teachers[0].weight: 0.0 is not positive": dict(base, teachers=[dict(base["teachers"][0], weight=0),
                                                                          base["teachers"][1]]),
         "targets.format: topk cannot hold a mixture of teachers": dict(base, targets={"format": "topk"}),
+        "compare_single_teacher: 'nobody' is not a teacher — use one of code, prose": dict(
+            base, compare_single_teacher="nobody"),
         "routing: set without teachers:": {k: v for k, v in dict(base, teacher={"model": str(models / "code")}).items()
                                           if k != "teachers"},
     }
