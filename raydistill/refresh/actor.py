@@ -46,11 +46,12 @@ def _check_room(cfg) -> None:
     would only start once training has ended; with wait, training stops with the pool's error)."""
     import ray
 
-    t, tr, r = cfg.teacher, cfg.train, cfg.refresh
+    tr, r = cfg.train, cfg.refresh
     total = ray.cluster_resources()
-    pool = min(t.replicas, r.max_replicas)  # the refresh replicas live as long as training
-    need_cpu = tr.workers * tr.cpus_per_worker + pool * t.cpus_per_replica + 0.5  # + data tasks
-    need_gpu = (tr.workers if tr.use_gpu else 0) + pool * t.gpus_per_replica
+    # The refresh replicas live as long as training: one pool per teacher (several teachers: each its own).
+    pools = [(min(t.replicas, r.max_replicas), t) for t in (cfg.teachers or [cfg.teacher])]
+    need_cpu = tr.workers * tr.cpus_per_worker + sum(n * t.cpus_per_replica for n, t in pools) + 0.5  # + data tasks
+    need_gpu = (tr.workers if tr.use_gpu else 0) + sum(n * t.gpus_per_replica for n, t in pools)
     short = []
     if total.get("CPU", 0) < need_cpu:
         short.append(f"CPU {need_cpu:g} (cluster {total.get('CPU', 0):g})")
