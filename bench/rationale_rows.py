@@ -47,27 +47,6 @@ def teacher_dir(steps: int, width: int, seed: int) -> str:
     return path
 
 
-def run_config(name: str, teacher: str, corpus: str, out: str, args, *, rationale: bool):
-    import arith_data
-    from raydistill.config import load_config
-
-    over = [f"run.name={name}", f"run.output_dir={out}", f"run.seed={args.seed}", f"teacher.model={teacher}",
-            "student.init_from_teacher={n_layer: 2, n_embd: 32}", f"data.path={corpus}",
-            "data.format=prompt_response", "data.prompt_column=question", "data.response_column=response",
-            "data.answer_column=answer", "data.seq_len=64", f"data.eval_fraction={args.eval_fraction}",
-            "rationale.answer_prefix='A:'", "targets.format=topk", "targets.k=8", "targets.shard_rows=256",
-            "teacher.replicas=1", "teacher.batch_size=64", "generate.max_new_tokens=28",
-            "train.workers=1", "train.batch_size=32", "train.lr=3e-3", "train.warmup_steps=20",
-            f"train.max_steps={args.student_steps}", "train.epochs=100", "train.checkpoint_every=1000",
-            "train.log_every=50"]
-    if rationale:
-        over += ["generate.enabled=true", "generate.temperature=0",
-                 f"generate.prompt_template={arith_data.TEMPLATE!r}", "train.alpha=0.5", "run.compare_hard_labels=true"]
-    else:
-        over += ["train.alpha=0"]
-    return load_config(None, over)
-
-
 def main() -> None:
     import arith_data
     from raydistill.pipeline import run
@@ -88,7 +67,10 @@ def main() -> None:
     results = {}
     for name, rationale in (("rationale", True), ("answer_only", False)):
         start = time.perf_counter()
-        report = run(run_config(name, teacher, corpus, os.path.join(root, name), args, rationale=rationale))
+        cfg = arith_data.run_config(name, teacher, corpus, os.path.join(root, name), rationale=rationale,
+                                    student_steps=args.student_steps, eval_fraction=args.eval_fraction,
+                                    seed=args.seed)
+        report = run(cfg)
         ev = report["eval"]
         results[name] = {k: ev[k].get("answer_accuracy") for k in ("teacher", "student", "hard_label_student")
                          if isinstance(ev.get(k), dict)}

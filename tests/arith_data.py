@@ -106,3 +106,28 @@ def train_teacher(out_dir: str, tok, qa: list[tuple[int, int]], *, steps: int = 
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return model, loss.item()
+
+
+def run_config(name: str, teacher: str, corpus: str, out: str, *, rationale: bool, student_steps: int,
+               eval_fraction: float = 0.2, seed: int = 0, workers: int = 1):
+    """The pipeline config of one arm of the comparison (bench/rationale_rows.py, the e2e test).
+
+    rationale: the teacher writes every training response (TEMPLATE, greedy), CE + token KD (alpha 0.5),
+    and the same student with CE only beside it (run.compare_hard_labels); else the answers alone, CE only."""
+    from raydistill.config import load_config
+
+    over = [f"run.name={name}", f"run.output_dir={out}", f"run.seed={seed}", f"teacher.model={teacher}",
+            "student.init_from_teacher={n_layer: 2, n_embd: 32}", f"data.path={corpus}",
+            "data.format=prompt_response", "data.prompt_column=question", "data.response_column=response",
+            "data.answer_column=answer", "data.seq_len=64", f"data.eval_fraction={eval_fraction}",
+            f"rationale.answer_prefix='{ANSWER_PREFIX}'", "targets.format=topk", "targets.k=8",
+            "targets.shard_rows=256", "teacher.replicas=1", "teacher.batch_size=64", "generate.max_new_tokens=28",
+            f"train.workers={workers}", "train.batch_size=32", "train.lr=3e-3", "train.warmup_steps=20",
+            f"train.max_steps={student_steps}", "train.epochs=100", "train.checkpoint_every=1000",
+            "train.log_every=50"]
+    if rationale:
+        over += ["generate.enabled=true", "generate.temperature=0", f"generate.prompt_template={TEMPLATE!r}",
+                 "train.alpha=0.5", "run.compare_hard_labels=true"]
+    else:
+        over += ["train.alpha=0"]
+    return load_config(None, over)
