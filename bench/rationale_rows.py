@@ -1,6 +1,6 @@
 """Rationale vs answer-only training: held-out answer accuracy of the same student (issue 14).
 
-    .venv/bin/python bench/rationale_rows.py [--teacher-steps 600] [--student-steps 300] [--rows 1200]
+    .venv/bin/python bench/rationale_rows.py [--teacher-steps 1500] [--teacher-width 64] [--student-steps 600] [--rows 1200]
 
 The task is 2-digit addition (tests/arith_data.py). A small GPT-2 teacher (byte-level tokenizer, one
 token per character) is trained here to write its working before the answer; it is cached under
@@ -52,9 +52,9 @@ def main() -> None:
     from raydistill.pipeline import run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--teacher-steps", type=int, default=1500)
     p.add_argument("--teacher-width", type=int, default=64)
-    p.add_argument("--student-steps", type=int, default=300)
+    p.add_argument("--student-steps", type=int, default=600)
     p.add_argument("--rows", type=int, default=1200)
     p.add_argument("--eval-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
