@@ -281,8 +281,11 @@ class Trainer:
             micro, ran = 0, False
             for i, batch in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
                                                          drop_last=True)):
-                if i < skip or self.step >= p.total_steps:
-                    continue  # every rank still drains its split: streaming_split waits for all consumers
+                if i < skip or i >= p.steps_per_epoch * t.grad_accum or self.step >= p.total_steps:
+                    # Every rank still drains its split (streaming_split waits for all consumers); the
+                    # batches after the epoch's last whole step are not trained on (with grad_accum > 1
+                    # their gradients would leak into the next epoch's first step).
+                    continue
                 ran = True
                 self.audit.add(batch)
                 inputs, targets = self.targets_for(batch)
