@@ -1,7 +1,6 @@
-"""Sampling continuations from a causal LM with its KV cache: the one sampler of the package.
-
-On-policy refresh (the student continues corpus prompts) and teacher generation passes (the
-teacher writes responses) both call `sample`; neither keeps a sampler of its own.
+"""Sampling continuations from a causal LM with its KV cache, for on-policy refresh (the student
+continues corpus prompts). Teacher generation passes (`generate_pass.py`) call HF `generate()`
+instead: left-padded batches of variable-length prompts, greedy or nucleus sampling, EOS stops.
 """
 from __future__ import annotations
 
