@@ -348,6 +348,16 @@ def _draw_unique(probs: torch.Tensor, samples: int, generator) -> tuple[np.ndarr
 _INT_COLUMNS = {"input_ids", "topk_ids", "sample_ids", "sample_counts", "sample_len"}
 
 
+def _names(batch) -> list[str]:
+    """The batch's column names; a name that is not UTF-8 (a damaged file) fails as decode does."""
+    if not isinstance(batch, (pa.Table, pa.RecordBatch)):
+        return list(batch)
+    try:
+        return batch.schema.names
+    except UnicodeDecodeError as e:
+        raise ValueError(f"decode: a column name is not valid UTF-8 ({e}) — the shard is damaged") from None
+
+
 def _flat(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(flat values, per-row lengths) of list column `name` of a Table / RecordBatch / dict batch.
 
@@ -355,8 +365,8 @@ def _flat(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
     negative ids) raises a ValueError naming the column: a damaged shard must fail clearly.
     """
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        if name not in batch.schema.names:
-            raise ValueError(f"decode: the batch has no column {name!r} (has {batch.schema.names})")
+        if name not in _names(batch):
+            raise ValueError(f"decode: the batch has no column {name!r} (has {_names(batch)})")
         col = batch.column(name)
     else:
         if name not in batch:
@@ -425,7 +435,7 @@ def decode(batch, fmt: str) -> tuple[torch.Tensor, SparseTargets]:
     _check_fmt(fmt)
     if fmt == "dense":
         return _decode_dense(batch)
-    if "loss_mask" in (batch.schema.names if isinstance(batch, (pa.Table, pa.RecordBatch)) else batch):
+    if "loss_mask" in _names(batch):
         return _decode_masked(batch, fmt)
     inp = _fixed(batch, "input_ids")
     bsz, seq_len = inp.shape
@@ -550,7 +560,7 @@ def _place(t: SparseTargets, pos: torch.Tensor, tc: float) -> SparseTargets:
 def _one_temperature(batch, rows: int) -> float:
     """The batch's capture temperature: one positive finite value shared by every row."""
     name = "capture_temperature"
-    names = batch.schema.names if isinstance(batch, (pa.Table, pa.RecordBatch)) else list(batch)
+    names = _names(batch)
     if name not in names:
         raise ValueError(f"decode: the batch has no column {name!r} (has {names}) — a shard written by an "
                          f"older raydistill (schema < {SCHEMA_VERSION}): re-run the teacher pass")
