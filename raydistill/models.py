@@ -118,6 +118,13 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
     return model.eval()
 
 
+def vocabulary_of(name_or_path: str, *, key: str, trust_remote_code: bool = False, revision: str | None = None):
+    """(config, tokenizer fingerprint) of a model that must share the teacher's vocabulary."""
+    conf = load_config(name_or_path, trust_remote_code=trust_remote_code, revision=revision, key=key)
+    tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code, revision=revision, key=key)
+    return conf, tokenizer_fingerprint(tok, name_or_path)
+
+
 def tokenizer_fingerprint(tokenizer, name: str) -> dict:
     """Vocabulary size and a hash of the token→id map: two models share logits only if these match."""
     vocab = tokenizer.get_vocab()
@@ -243,9 +250,7 @@ def preflight(cfg) -> ModelInfo:
     s = cfg.student
     if s.model:
         check_weights(s.model, allow_pickle_weights=False, key="student.model")
-        s_conf = load_config(s.model, key="student.model")
-        s_tok = load_tokenizer(s.model, key="student.model")
-        s_fp = tokenizer_fingerprint(s_tok, s.model)
+        s_conf, s_fp = vocabulary_of(s.model, key="student.model")
         if int(s_conf.vocab_size) != vocab_size or s_fp["hash"] != fp["hash"]:
             problems.append(
                 f"student.model: its vocabulary differs from the teacher's — teacher {t.model} has "

@@ -95,16 +95,13 @@ def routing_key(cfg) -> dict | None:
 def preflight(cfg, info) -> None:
     """Every teacher loads safely and shares the first teacher's (and so the student's) vocabulary;
     the routing column exists and every value has a teacher. One ConfigError listing every problem."""
-    from .models import (check_weights, load_config, load_tokenizer, max_positions,
-                         tokenizer_fingerprint)
+    from .models import check_weights, max_positions, vocabulary_of
 
     problems, first = [], cfg.teachers[0]
     for i, e in enumerate(cfg.teachers[1:], 1):
         key = f"teachers[{i}].model"
         check_weights(e.model, allow_pickle_weights=e.allow_pickle_weights, key=key)
-        conf = load_config(e.model, trust_remote_code=e.trust_remote_code, revision=e.revision, key=key)
-        fp = tokenizer_fingerprint(load_tokenizer(e.model, trust_remote_code=e.trust_remote_code,
-                                                  revision=e.revision, key=key), e.model)
+        conf, fp = vocabulary_of(e.model, key=key, trust_remote_code=e.trust_remote_code, revision=e.revision)
         if int(conf.vocab_size) != info.vocab_size or fp["hash"] != info.tokenizer["hash"]:
             problems.append(
                 f"{key}: the vocabulary of teacher {e.name!r} ({e.model}: {fp['vocab_size']} tokens, model vocab "
