@@ -223,12 +223,44 @@ def _n_layers(config) -> int | None:
 
 @dataclass
 class ModelInfo:
-    """What preflight learned; travels to Ray workers (plain data)."""
+    """What preflight learned; travels to Ray workers (plain data).
+
+    vocab_size is W, the one width every model's logits are compared at: the narrowest output
+    layer (config.vocab_size) of the teacher(s) and the student. Heads are often wider than their
+    tokenizer (Qwen2.5-7B 152,064 and -0.5B 151,936 rows for one 151,665-token tokenizer: rows
+    padded to a round size that no token id reaches); W >= len(tokenizer) always (`head_problem`),
+    so ids >= W are padding. The teacher pass keeps only logits[..., :W] (its ids and dense rows are
+    < W, the store's id type is that of W), and the losses and evaluation give the teacher
+    probability 0 beyond W while the student's softmax stays over its whole head.
+    tokenizer: the fingerprint (`tokenizer_fingerprint`) plus "width": W, as the store's manifest
+    records it.
+    """
     tokenizer: dict
     vocab_size: int
     teacher_rev: str
     max_positions: int | None
     eos_token_id: int | None
+
+    def narrow(self, width: int) -> None:
+        """Share the width with one more model (another teacher): W = min(W, its head width)."""
+        self.vocab_size = min(self.vocab_size, int(width))
+        self.tokenizer["width"] = self.vocab_size
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Two fingerprints of one tokenizer: the same token->id map (hash) and size."""
+    return a["hash"] == b["hash"] and a["vocab_size"] == b["vocab_size"]
+
+
+def head_problem(key: str, name: str, config, fp: dict, fix: str | None = None) -> str | None:
+    """Why a model's output layer can't score its tokenizer's ids (fewer rows than tokens); None if it can."""
+    width = int(config.vocab_size)
+    if width >= fp["vocab_size"]:
+        return None
+    return (f"{key}: {name} has an output layer of {width} rows (config.vocab_size) but its tokenizer has "
+            f"{fp['vocab_size']} tokens — ids >= {width} would have no logit: "
+            + (fix or "the model and the tokenizer saved beside it do not belong together; save the "
+                      "model's own tokenizer with it"))
 
 
 def preflight(cfg) -> ModelInfo:
@@ -237,34 +269,47 @@ def preflight(cfg) -> ModelInfo:
     check_weights(t.model, allow_pickle_weights=t.allow_pickle_weights, key="teacher.model")
     t_conf = load_config(t.model, trust_remote_code=t.trust_remote_code, revision=t.revision)
     tok = load_tokenizer(t.model, trust_remote_code=t.trust_remote_code, revision=t.revision)
-    vocab_size = int(t_conf.vocab_size)
-    problems = []
+    fp = tokenizer_fingerprint(tok, t.model)
+    problems = [p for p in [head_problem("teacher.model", t.model, t_conf, fp)] if p]
+    vocab_size = int(t_conf.vocab_size)  # W: narrowed by the student's head below (ModelInfo)
     n_pos = max_positions(t_conf)
     if n_pos is not None and cfg.data.seq_len > n_pos:
         problems.append(f"data.seq_len: {cfg.data.seq_len} exceeds the teacher's maximum of {n_pos} "
                         f"positions ({t.model}) — use data.seq_len<={n_pos}")
-    if cfg.targets.format == "topk" and cfg.targets.k > vocab_size:
-        problems.append(f"targets.k: {cfg.targets.k} is larger than the vocabulary ({vocab_size}) of "
-                        f"{t.model} — use targets.k<={vocab_size}")
-    fp = tokenizer_fingerprint(tok, t.model)
     s = cfg.student
+    s_conf, s_key = None, "student.model"
     if s.model:
         check_weights(s.model, allow_pickle_weights=False, key="student.model")
         s_conf, s_fp = vocabulary_of(s.model, key="student.model")
-        if int(s_conf.vocab_size) != vocab_size or s_fp["hash"] != fp["hash"]:
+        if not same_tokenizer(s_fp, fp):
             problems.append(
                 f"student.model: its vocabulary differs from the teacher's — teacher {t.model} has "
-                f"{fp['vocab_size']} tokens (model vocab {vocab_size}, {fp['hash']}), student {s.model} "
-                f"has {s_fp['vocab_size']} tokens (model vocab {s_conf.vocab_size}, {s_fp['hash']}); "
-                "logit distillation needs one tokenizer — pick a student of the teacher's family "
-                "or use student.init_from_teacher")
-        s_pos = max_positions(s_conf)
+                f"{fp['vocab_size']} tokens ({fp['hash']}), student {s.model} has {s_fp['vocab_size']} "
+                f"tokens ({s_fp['hash']}); logit distillation needs one tokenizer — pick a student of "
+                "the teacher's family or use student.init_from_teacher")
+            s_conf = None
+        s_pos = max_positions(s_conf) if s_conf is not None else None
         if s_pos is not None and cfg.data.seq_len > s_pos:
             problems.append(f"data.seq_len: {cfg.data.seq_len} exceeds the student's maximum of {s_pos} "
                             f"positions ({s.model}) — use data.seq_len<={s_pos}")
-    else:
-        student_config(t_conf, dict(s.init_from_teacher or {}))  # raises on unknown fields
+    else:  # raises on unknown fields; an init_from_teacher.vocab_size override is a head width too
+        s_conf, s_key = student_config(t_conf, dict(s.init_from_teacher or {})), "student.init_from_teacher"
+    if s_conf is not None:
+        fix = None if s.model else f"set {s_key}.vocab_size >= {fp['vocab_size']} or leave it out"
+        bad = head_problem(s_key, s.model or "the student", s_conf, fp, fix)
+        problems += [bad] if bad else []
+        vocab_size = min(vocab_size, int(s_conf.vocab_size))
+        if cfg.train.online and cfg.train.loss == "reverse_kl" and int(s_conf.vocab_size) > vocab_size:
+            problems.append(
+                f"train.loss: reverse_kl with train.online=true is infinite here — the student has "
+                f"{s_conf.vocab_size} output rows, the teacher {t.model} {vocab_size}, and the teacher "
+                "gives the student's extra (padding) rows probability 0 — use train.loss=forward_kl, "
+                "jsd or tvd, or cached targets.format=topk (its tail bucket holds those rows)")
+    if cfg.targets.format == "topk" and cfg.targets.k > vocab_size:
+        problems.append(f"targets.k: {cfg.targets.k} is larger than the vocabulary ({vocab_size}) of "
+                        f"{t.model} — use targets.k<={vocab_size}")
     if problems:
         raise ModelError("\n".join(problems))
-    return ModelInfo(tokenizer=fp, vocab_size=vocab_size, teacher_rev=model_revision(t.model, t.revision),
-                     max_positions=n_pos, eos_token_id=tok.eos_token_id)
+    return ModelInfo(tokenizer=dict(fp, width=vocab_size), vocab_size=vocab_size,
+                     teacher_rev=model_revision(t.model, t.revision), max_positions=n_pos,
+                     eos_token_id=tok.eos_token_id)

@@ -93,22 +93,28 @@ def routing_key(cfg) -> dict | None:
 # ---------------------------------------------------------------- before Ray starts
 
 def preflight(cfg, info) -> None:
-    """Every teacher loads safely and shares the first teacher's (and so the student's) vocabulary;
-    the routing column exists and every value has a teacher. One ConfigError listing every problem."""
-    from .models import check_weights, max_positions, vocabulary_of
+    """Every teacher loads safely and shares the first teacher's (and so the student's) tokenizer,
+    with an output layer at least as wide (heads may differ: `info` is narrowed to the shared width
+    W, models.ModelInfo); the routing column exists and every value has a teacher. One ConfigError
+    listing every problem."""
+    from .models import check_weights, head_problem, max_positions, same_tokenizer, vocabulary_of
 
     problems, first = [], cfg.teachers[0]
     for i, e in enumerate(cfg.teachers[1:], 1):
         key = f"teachers[{i}].model"
         check_weights(e.model, allow_pickle_weights=e.allow_pickle_weights, key=key)
         conf, fp = vocabulary_of(e.model, key=key, trust_remote_code=e.trust_remote_code, revision=e.revision)
-        if int(conf.vocab_size) != info.vocab_size or fp["hash"] != info.tokenizer["hash"]:
+        if not same_tokenizer(fp, info.tokenizer):
             problems.append(
-                f"{key}: the vocabulary of teacher {e.name!r} ({e.model}: {fp['vocab_size']} tokens, model vocab "
-                f"{conf.vocab_size}, {fp['hash']}) differs from teacher {first.name!r}'s ({first.model}: "
-                f"{info.tokenizer['vocab_size']} tokens, model vocab {info.vocab_size}, {info.tokenizer['hash']}) "
+                f"{key}: the vocabulary of teacher {e.name!r} ({e.model}: {fp['vocab_size']} tokens, "
+                f"{fp['hash']}) differs from teacher {first.name!r}'s ({first.model}: "
+                f"{info.tokenizer['vocab_size']} tokens, {info.tokenizer['hash']}) "
                 "— every teacher and the student must share one tokenizer for logit distillation: use "
                 "teachers of one model family")
+        elif (bad := head_problem(key, e.model, conf, fp)) is not None:
+            problems.append(bad)
+        else:
+            info.narrow(conf.vocab_size)
         n_pos = max_positions(conf)
         if n_pos is not None and cfg.data.seq_len > n_pos:
             problems.append(f"data.seq_len: {cfg.data.seq_len} exceeds the maximum of {n_pos} positions of "
