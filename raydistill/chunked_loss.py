@@ -70,9 +70,10 @@ def _check(hidden, weight, bias, targets, labels, alpha) -> None:
         if targets.logprobs.shape[:2] != labels.shape:
             raise ValueError(f"targets cover {tuple(targets.logprobs.shape[:2])} positions but labels are "
                              f"{tuple(labels.shape)} — targets describe input_ids[:, 1:]")
-        if targets.ids is None and targets.logprobs.shape[-1] != weight.shape[0]:
+        if targets.ids is None and targets.logprobs.shape[-1] > weight.shape[0]:  # narrower: losses pads
             raise ValueError(f"dense targets have {targets.logprobs.shape[-1]} classes, the student "
-                             f"{weight.shape[0]} — teacher and student must share the vocabulary")
+                             f"{weight.shape[0]} — cut the teacher's logits to the shared width "
+                             "(models.ModelInfo.vocab_size)")
 
 
 def _mm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -11,6 +11,12 @@ student: logsumexp of its log-probs over the non-support ids). Dense targets use
 The student distribution is always q = softmax(student_logits / T) over the FULL vocabulary,
 gathered at the support ids, so support mass the student puts elsewhere is penalised.
 
+Widths. The student's head may be wider than the teacher's targets (ids < W, dense rows of W
+columns: models.ModelInfo, W = the narrowest head); its softmax stays over its whole head (mass on
+padding rows is real student mass) and the teacher has probability 0 beyond W: dense targets are
+padded with -inf, a topk tail bucket holds the student's padding rows. The reverse KL of dense
+targets is then infinite wherever q > 0 beyond W, and refused.
+
 Temperature. The stored targets describe p_Tc (Tc = the capture temperature they carry); at
 training temperature T the teacher is p_T ∝ p_Tc^b with b = Tc / T, the student q_T = softmax(s / T):
   dense:   log_softmax(b log p)                                 exact.
@@ -68,7 +74,15 @@ def teacher_buckets(targets: SparseTargets, temperature: float = 1.0,
             tail = _tail_at(targets, b)
         lp = torch.cat([lp, tail.unsqueeze(-1)], dim=-1)
     # log_softmax renormalises: tempering, float16 rounding.
-    return F.log_softmax(lp, dim=-1)
+    lp = F.log_softmax(lp, dim=-1)
+    if _padded(targets, vocab):  # a wider student: the teacher's p is 0 on its extra rows
+        lp = F.pad(lp, (0, vocab - lp.shape[-1]), value=float("-inf"))
+    return lp
+
+
+def _padded(targets: SparseTargets, vocab: int | None) -> bool:
+    """Dense targets narrower than the student's `vocab` columns (module docstring, Widths)."""
+    return targets.ids is None and vocab is not None and targets.logprobs.shape[-1] < vocab
 
 
 def _exponent(targets: SparseTargets, temperature: float) -> float:
@@ -153,6 +167,10 @@ def kd_per_token(student_logits: torch.Tensor, targets: SparseTargets, *, loss: 
                          "targets have no tail bucket for the mass the student puts outside the drawn "
                          "ids — use targets.format=topk or train.loss=forward_kl")
     vocab = student_logits.shape[-1]
+    if loss == "reverse_kl" and _padded(targets, vocab):
+        raise ValueError(f"train.loss=reverse_kl: dense teacher targets cover {targets.logprobs.shape[-1]} ids, "
+                         f"the student's head {vocab}: KL(q || p) is infinite where the student puts mass on "
+                         "its extra (padding) rows — use forward_kl, jsd or tvd, or topk targets")
     lq_all = F.log_softmax(student_logits.float() / temperature, dim=-1)
     lq = student_buckets(lq_all, targets)
     lp = teacher_buckets(targets, temperature, vocab)
@@ -196,9 +214,10 @@ def _check_shapes(student_logits, labels, targets=None):
         if targets.logprobs.shape[:2] != labels.shape:
             raise ValueError(f"targets cover {tuple(targets.logprobs.shape[:2])} positions but labels are "
                              f"{tuple(labels.shape)} — targets describe input_ids[:, 1:]")
-        if targets.ids is None and targets.logprobs.shape[-1] != student_logits.shape[-1]:
+        if targets.ids is None and targets.logprobs.shape[-1] > student_logits.shape[-1]:
             raise ValueError(f"dense targets have {targets.logprobs.shape[-1]} classes, the student "
-                             f"{student_logits.shape[-1]} — teacher and student must share the vocabulary")
+                             f"{student_logits.shape[-1]} — cut the teacher's logits to the shared width "
+                             "(models.ModelInfo.vocab_size)")
 
 
 def kd_loss(student_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor, *,

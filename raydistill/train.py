@@ -69,6 +69,7 @@ class TrainPlan:
     refresh: RefreshSpec | None = None  # rank 0 reports its steps to the refresh scheduler
     fault: dict | None = None        # faults.train_fault() (tests)
     audit_dir: str | None = None     # RAYDISTILL_AUDIT_DIR: seq_ids per rank and epoch (tests)
+    vocab_size: int | None = None    # W (models.ModelInfo): the online teacher's logits are cut to it
 
     def __post_init__(self):
         assert self.reads in READS, self.reads
@@ -314,7 +315,8 @@ class Trainer:
         inputs = {k: v.to(self.device) for k, v in self.task.inputs_from_arrow(batch).items()}
         if self.teacher is not None:
             with torch.inference_mode():
-                targets = from_logits(self.task.logits(self.teacher, inputs).float(), self.task.labels(inputs))
+                logits = self.task.logits(self.teacher, inputs)[..., :self.plan.vocab_size]  # ids >= W: padding
+                targets = from_logits(logits.float(), self.task.labels(inputs))
             return inputs, _clone_targets(targets)
         if self.plan.reads == "inputs":
             return inputs, None
@@ -450,7 +452,7 @@ def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: f
     reads = "inputs" if cfg.train.online or alpha == 0 else "targets"
     plan = TrainPlan(config=cfg.to_dict(), alpha=alpha, label=label, reads=reads, total_steps=total,
                      steps_per_epoch=steps_per_epoch, refresh=refresh, fault=faults.train_fault(),
-                     audit_dir=os.environ.get("RAYDISTILL_AUDIT_DIR"))
+                     audit_dir=os.environ.get("RAYDISTILL_AUDIT_DIR"), vocab_size=vocab_size)
     store_uri = store.uri
     schema = dataset_schema(reads, cfg.targets.format, vocab_size, get_task(cfg))
     t = cfg.train

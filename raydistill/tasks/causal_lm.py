@@ -114,13 +114,16 @@ class CausalLM(Task):
         kw = dict(fmt=params["format"], k=params.get("k", 1), samples=params.get("samples", 1),
                   capture_temperature=params["capture_temperature"], vocab_size=vocab_size, generator=generator,
                   loss_mask=inputs.get("loss_mask"))
+        # Only the first vocab_size (W, models.ModelInfo) logits are scored: a head wider than the
+        # shared width has padding rows there, which no stored id or probability may name.
         if fused_head_problem(model):  # e.g. soft-capped logits: only the model's own logits are right
-            out = encode(model(input_ids=ids, **fwd).logits, ids, **kw)
+            out = encode(model(input_ids=ids, **fwd).logits[..., :vocab_size], ids, **kw)
         else:
             # Logits position-chunk by position-chunk from the final hidden states: a pass never holds
             # [B, L, V] logits (same targets as encode on them; chunked_loss.encode_chunked).
             hidden, weight, bias = model_hidden(model, ids, **fwd)
-            out = encode_chunked(hidden, weight, ids, bias=bias, **kw)
+            out = encode_chunked(hidden, weight[:vocab_size], ids, bias=None if bias is None else bias[:vocab_size],
+                                 **kw)
         if "loss_mask" in inputs:  # a store of examples keeps the input columns beside its targets
             out["loss_mask"] = list(inputs["loss_mask"].cpu().numpy().astype("uint8"))
             out["length"] = list(inputs["attention_mask"].sum(1).cpu().numpy())
