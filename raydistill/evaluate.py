@@ -11,6 +11,12 @@ over its loss positions only: `loss_mask` — in nats):
 - `kl_teacher_student`: KL(p_teacher ‖ q_student) over the full vocabulary (forward KD's target);
 - `top1_agreement`: share of positions where the student's argmax equals the teacher's.
 
+Widths (models.ModelInfo): the teacher is the distribution the student learned from, softmax over
+its first W logits (W = the run's shared head width, recorded in the store's manifest as
+tokenizer.width; by default the narrower head of the two models); the student's softmax is over
+its whole head, so KL counts the teacher's ids < W against the student's log-probs there (its mass
+on padding rows is lost to it), and its argmax may fall on a padding row (no agreement).
+
 The eval inputs live in a Parquet file with an `input_ids` list column (uint16 / uint32, one
 packed sequence of length `L` per row): `eval_input_ids` turns such a table into a tensor.
 """
@@ -58,6 +64,7 @@ def _evaluate_task(cfg_dict: dict, student_dirs: dict, eval_uri: tuple, max_rows
     task, t = get_task(cfg), cfg.teacher
     store = SoftTargetStore(eval_uri[0])
     table = store.read_input_file(eval_uri[1])  # checksum-verified
+    width = store.manifest()["tokenizer"].get("width")  # W of the run (None: a store written before widths)
     teacher = task.load_model(os.path.expanduser(t.model), dtype=t.dtype, trust_remote_code=t.trust_remote_code,
                               allow_pickle_weights=t.allow_pickle_weights, revision=t.revision)
     # The same student before training: the baseline that shows what distillation moved.
@@ -65,7 +72,7 @@ def _evaluate_task(cfg_dict: dict, student_dirs: dict, eval_uri: tuple, max_rows
     models.update({label: task.load_model(path, key=label) for label, path in student_dirs.items()})
     out: dict = {}
     for label, model in models.items():
-        res = task.evaluate(model, teacher, table, batch_size=t.batch_size, max_rows=max_rows)
+        res = task.evaluate(model, teacher, table, batch_size=t.batch_size, max_rows=max_rows, vocab_width=width)
         out[label] = res.pop("student")
         out.update(res)  # teacher, eval_sequences, task-level figures: the same for every student
     return out
@@ -103,37 +110,41 @@ def _perplexity(ce: float) -> float:
     return math.exp(ce) if ce < 700 else float("inf")
 
 
-def _chunk_sums(s_rows, t_rows, labels: torch.Tensor, chunk_tokens: int | None) -> dict:
+def _chunk_sums(s_rows, t_rows, labels: torch.Tensor, chunk_tokens: int | None, width: int | None = None) -> dict:
     """The figures' float64 sums over one batch's rows (`chunked_loss.RowLogProbs` of the student and
     the teacher, either None; labels [rows]), a chunk of rows at a time: at most one chunk of
-    [rows, V] float32 log-probs per model exists, never [B, T, V]."""
+    [rows, V] float32 log-probs per model exists, never [B, T, V]. The teacher is renormalised over
+    its first `width` ids (None: the narrower head of the two; module docstring, Widths)."""
     from .chunked_loss import chunk_tokens_for
 
-    if s_rows is not None and t_rows is not None and s_rows.vocab != t_rows.vocab:
-        raise ValueError(f"student and teacher logits have different vocabulary sizes ({s_rows.vocab} vs "
-                         f"{t_rows.vocab}); KL needs one shared vocabulary")
+    heads = [r.vocab for r in (s_rows, t_rows) if r is not None]
+    width = min(heads + ([int(width)] if width else [])) if heads else None
     sums = {"s_ce": 0.0, "t_ce": 0.0, "kl": 0.0, "agree": 0.0}
     if s_rows is None and t_rows is None:
         return sums
-    size = chunk_tokens_for((s_rows or t_rows).vocab, chunk_tokens)
+    size = chunk_tokens_for(max(heads), chunk_tokens)
     for lo in range(0, labels.numel(), size):
         hi, lab = min(lo + size, labels.numel()), labels[lo:lo + size, None]
         s_lp = s_rows.log_probs(lo, hi) if s_rows is not None else None
         t_lp = t_rows.log_probs(lo, hi) if t_rows is not None else None
+        if t_lp is not None and t_lp.shape[-1] > width:  # = log_softmax(teacher logits[..., :width])
+            t_lp = t_lp[..., :width] - torch.logsumexp(t_lp[..., :width], dim=-1, keepdim=True)
         if s_lp is not None:
             sums["s_ce"] += -s_lp.gather(-1, lab).double().sum().item()
         if t_lp is not None:
             sums["t_ce"] += -t_lp.gather(-1, lab).double().sum().item()
         if s_lp is not None and t_lp is not None:
-            # KL(p_t ‖ q_s) = Σ p_t (log p_t − log q_s); 0·log 0 terms are 0 (xlogy convention).
-            sums["kl"] += F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1).double().sum().item()
+            # KL(p_t ‖ q_s) = Σ_{i < width} p_t (log p_t − log q_s): p_t is 0 beyond; 0·log 0 terms are 0.
+            sums["kl"] += F.kl_div(s_lp[..., :width], t_lp, log_target=True,
+                                   reduction="none").sum(-1).double().sum().item()
             sums["agree"] += (s_lp.argmax(-1) == t_lp.argmax(-1)).sum().item()
     return sums
 
 
 def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int = 8,
              device: str | torch.device = "cpu", loss_mask: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None, chunk_tokens: int | None = None) -> dict:
+             attention_mask: torch.Tensor | None = None, chunk_tokens: int | None = None,
+             vocab_width: int | None = None) -> dict:
     """Evaluate `student` and `teacher` (loaded HF causal LMs; either may be None) on `input_ids`.
 
     input_ids: `[N, L]` int64, `L >= 2`. Models are moved to `device` and put in eval mode
@@ -141,7 +152,8 @@ def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int =
     (examples): only the positions j with loss_mask[:, j + 1] count, and "tokens" counts them;
     attention_mask `[N, L]` goes to the models (right padding). The figures are summed `chunk_tokens`
     positions at a time (None: about 2^24 logits per chunk, `chunked_loss.chunk_tokens_for`), so eval
-    memory does not grow with batch_size × L × V.
+    memory does not grow with batch_size × L × V. vocab_width: W, the run's shared head width
+    (module docstring, Widths; None: the narrower head of the two models).
 
     Returns (a part is left out when its model is None; KL and agreement need both models):
 
@@ -177,7 +189,7 @@ def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int =
                 tokens += labels.numel()
                 kw = {} if am is None else {"attention_mask": am}
                 rows = [None if m is None else RowLogProbs(m, batch, keep, **kw) for m in (student, teacher)]
-                for k, v in _chunk_sums(*rows, labels, chunk_tokens).items():
+                for k, v in _chunk_sums(*rows, labels, chunk_tokens, vocab_width).items():
                     sums[k] += v
     finally:
         for k, m in models.items():

@@ -99,10 +99,13 @@ class Task:
         raise NotImplementedError
 
     # ---- evaluation
-    def evaluate(self, student, teacher, eval_table: pa.Table, *, batch_size: int, max_rows: int) -> dict:
+    def evaluate(self, student, teacher, eval_table: pa.Table, *, batch_size: int, max_rows: int,
+                 vocab_width: int | None = None) -> dict:
         """Held-out metrics of `student` against `teacher` (either may be None), on at most
         `max_rows` rows of the eval file: {"student": {...}, "teacher": {...}, "eval_sequences": n}
-        plus any task-level figures (e.g. "tokens"); a part is left out when its model is None."""
+        plus any task-level figures (e.g. "tokens"); a part is left out when its model is None.
+        vocab_width: the run's shared head width W (models.ModelInfo; None: unknown) — a causal LM's
+        teacher is compared over its first W logits."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

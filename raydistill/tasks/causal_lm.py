@@ -130,12 +130,13 @@ class CausalLM(Task):
         return out
 
     # ---- evaluation
-    def evaluate(self, student, teacher, eval_table: pa.Table, *, batch_size: int, max_rows: int) -> dict:
+    def evaluate(self, student, teacher, eval_table: pa.Table, *, batch_size: int, max_rows: int,
+                 vocab_width: int | None = None) -> dict:
         from ..evaluate import eval_input_ids, evaluate
 
         ids = eval_input_ids(eval_table, max_rows=max_rows)
-        kw = {}
+        kw = {"vocab_width": vocab_width}
         if "loss_mask" in eval_table.column_names:  # examples: the figures cover the loss positions only
             rows = self.inputs_from_arrow(eval_table.slice(0, ids.shape[0]))
-            kw = dict(loss_mask=rows["loss_mask"], attention_mask=rows["attention_mask"])
+            kw.update(loss_mask=rows["loss_mask"], attention_mask=rows["attention_mask"])
         return dict(evaluate(student, teacher, ids, batch_size=batch_size, **kw), eval_sequences=int(ids.shape[0]))

@@ -111,9 +111,11 @@ class SequenceClassification(Task):
                             capture_temperature=params["capture_temperature"])
 
     # ---- evaluation
-    def evaluate(self, student, teacher, eval_table: pa.Table, *, batch_size: int, max_rows: int) -> dict:
+    def evaluate(self, student, teacher, eval_table: pa.Table, *, batch_size: int, max_rows: int,
+                 vocab_width: int | None = None) -> dict:
         import torch
 
+        del vocab_width  # a width of token ids: a classifier's logits are its classes
         rows = eval_table.slice(0, max_rows) if max_rows else eval_table
         if rows.num_rows == 0:
             raise ValueError("evaluate: the eval table has no rows")
