@@ -5,11 +5,13 @@ Which teacher teaches which row is decided per *shard*: the data phase packs the
 routing group (a teacher name, or "mixture" for every row no routing value maps to one teacher,
 and for every row when there is no `routing`) into shards of their own, so a packed window never
 mixes domains and a shard is scored by exactly the teachers it needs. The group of every shard is
-recorded in the store (`state.teachers.groups`); the layout is in `store.py`'s docstring:
+recorded in the store (`state.teachers.groups`); the layout is in `store.py`'s docstring. The
+trainer reads shards in sorted id order, so the routed ids interleave the groups (`_interleave`):
+a student sees the domains in turn through an epoch, not one domain and then the next.
 
-    routed shard   <group>-<n>          scored by its teacher only; each version records that
+    routed shard   <n>-<group>          scored by its teacher only; each version records that
                                         teacher's teacher_rev and name
-    mixture shard  <n> | mixture-<n>    one component per teacher, <shard>@<teacher>, each an
+    mixture shard  <n> | <n>-mixture    one component per teacher, <shard>@<teacher>, each an
                                         ordinary shard entry with its own versions, teacher_rev,
                                         produced_at_step; the shard's own version is their mix
 
@@ -200,7 +202,7 @@ class _GroupInputs:
         return self.store.write_file(rel, table)
 
     def record_inputs(self, shards: dict, eval_path, info: dict, eval_checksum=None) -> None:
-        self.shards = {f"{self.group}-{sid}": rec for sid, rec in shards.items()}
+        self.shards = dict(sorted(shards.items()))  # given run-wide ids by `_interleave`
         self.info = dict(info, eval=eval_path, eval_checksum=eval_checksum)
 
 
@@ -257,9 +259,20 @@ def _build_routed(cfg, store, info) -> tuple[dict, dict[str, str]]:
                     shards=sum(len(v.shards) for v in views), routing=routing_key(cfg),
                     groups={v.group: {k: v.info.get(k) for k in ("train_rows", "eval_rows", "docs", "eval")}
                             for v in views})
-    store.record_inputs({sid: rec for v in views for sid, rec in v.shards.items()}, written["path"], recorded,
-                        eval_checksum=written["checksum"])
-    return dict(recorded, skipped=False), {sid: v.group for v in views for sid in v.shards}
+    ids = _interleave({v.group: len(v.shards) for v in views})
+    shards = {ids[(v.group, j)]: rec for v in views for j, rec in enumerate(v.shards.values())}
+    store.record_inputs(dict(sorted(shards.items())), written["path"], recorded, eval_checksum=written["checksum"])
+    return dict(recorded, skipped=False), {ids[(v.group, j)]: v.group for v in views for j in range(len(v.shards))}
+
+
+def _interleave(counts: dict[str, int]) -> dict[tuple[str, int], str]:
+    """{(group, j): shard id} for the j-th of each group's shards: `<position>-<group>`, positions
+    spreading each group's k shards evenly over the sorted order the trainer reads them in (the j-th
+    at (j + 1/2) / k of an epoch). Group-major ids would train on one domain's rows, then the next's
+    — and a small student forgets the first domain while it learns the second."""
+    order = sorted(((j + 0.5) / k, g, j) for g, k in counts.items() for j in range(k))
+    width = max(5, len(str(len(order))))
+    return {(g, j): f"{pos:0{width}d}-{g}" for pos, (_, g, j) in enumerate(order)}
 
 
 # ---------------------------------------------------------------- what each teacher scores

@@ -120,7 +120,7 @@ def test_routed_inputs_and_passes(built):
     store, inputs = built["store"], built["inputs"]
     groups = shard_groups(store)
     assert set(groups.values()) == {"code", "prose", "mixture"}
-    assert all(sid.startswith(f"{g}-") for sid, g in groups.items())
+    assert all(sid.endswith(f"-{g}") for sid, g in groups.items())
     rows = {g: sum(store.manifest()["inputs"]["shards"][s]["rows"] for s in _shards_of(store, groups, g))
             for g in ("code", "prose", "mixture")}
     assert rows == {g: inputs["groups"][g]["train_rows"] for g in rows} and all(rows.values())
@@ -313,6 +313,17 @@ def test_end_to_end_run_reports_each_teacher(built):
             != report["eval"]["teachers"]["prose"]["all_rows"]["student"]["kl_teacher_student"])
     with open(report["files"]["report.md"]) as f:
         assert "## Teachers" in f.read()
+
+
+def test_routed_shard_ids_interleave_the_groups():
+    """The trainer reads shards in sorted id order: each group's shards are spread over it evenly."""
+    from raydistill.teachers import _interleave
+
+    ids = _interleave({"code": 4, "prose": 2, "mixture": 1})
+    order = [g for _, g in sorted((sid, g) for (g, _), sid in ids.items())]
+    assert order == ["code", "prose", "code", "mixture", "code", "prose", "code"]
+    assert sorted(ids[("code", j)] for j in range(4)) == [ids[("code", j)] for j in range(4)]  # kept in order
+    assert ids[("prose", 1)] == "00005-prose" and len(set(ids.values())) == 7
 
 
 # ---------------------------------------------------------------- refused before Ray starts

@@ -154,3 +154,61 @@ def write_examples(path: str, pairs: list[tuple[str, str]], kind: str = "prompt_
         table = pa.table({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]})
     pq.write_table(table, path)
     return path
+
+
+# ---- two domains with different token statistics, and a teacher trained on one (tests/test_teachers_e2e.py)
+
+CODE_WORDS = "def return if else for in while x y z i n = + - * ( ) : [ ] 0 1 2".split()
+PROSE_WORDS = WORDS[:17]
+
+
+def markov_texts(words: list[str], n_docs: int, seed: int, chain: int = 0, p_second: float = 0.3) -> list[str]:
+    """Documents (drawn with `seed`) of a Markov chain over `words` (fixed by `chain`): each word is
+    followed by one of two successors (the second with probability p_second), so a model that knows
+    the chain predicts the next word to about 0.6 nats and one that has never seen it is lost."""
+    g = torch.Generator().manual_seed(chain)
+    succ = [torch.randperm(len(words), generator=g)[:2].tolist() for _ in words]
+    g = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(n_docs):
+        w, out = int(torch.randint(0, len(words), (1,), generator=g)), []
+        for _ in range(int(torch.randint(16, 40, (1,), generator=g))):
+            out.append(words[w])
+            w = succ[w][int(torch.rand(1, generator=g) < p_second)]
+        texts.append(" ".join(out))
+    return texts
+
+
+def lm_windows(tokenizer, texts: list[str], length: int) -> torch.Tensor:
+    """`texts` tokenized, each followed by EOS, concatenated and cut into [N, length] windows."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(ids) // length
+    return torch.tensor(ids[: n * length]).view(n, length)
+
+
+def train_lm(model, windows: torch.Tensor, *, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0):
+    """Plain-PyTorch next-token training on `windows` [N, L] (seeded, one thread); eval mode after."""
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared, loaded machine: 2 threads per op mostly wait for each other
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    try:
+        for _ in range(steps):
+            batch = windows[torch.randint(0, len(windows), (batch_size,), generator=g)]
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def lm_ce(model, windows: torch.Tensor) -> float:
+    """Mean next-token cross-entropy (nats) of `model` on `windows` [N, L]."""
+    with torch.no_grad():
+        return float(model(input_ids=windows, labels=windows).loss)
