@@ -8,7 +8,7 @@ see it). Preflight accepts them (W = the narrowest head) and refuses a head narr
 tokenizer; the losses, the fused loss and evaluation with a student wider than W equal dense
 references written here with the teacher's distribution softmax(logits[..., :W]); one short
 `pipeline.run` (a teacher wider than the student, Ray) stores only ids < W, and its first train
-step and its eval figures equal the same references.
+step, its eval figures and an online step (train.online) equal the same references.
 """
 from __future__ import annotations
 
@@ -222,11 +222,15 @@ def test_evaluate_with_heads_of_three_widths(heads):
 @pytest.mark.slow
 def test_run_with_a_wider_teacher(ray_session, heads, tiny_corpus, tmp_path, monkeypatch):
     """pipeline.run: teacher T + 64 rows, student T (W = T), sampled targets. Every stored id is < W;
-    the stored entropy and label log-probs are the sliced teacher's; the first train step's loss and
-    the eval figures equal dense references computed here with softmax(teacher logits[..., :W])."""
+    the stored entropy and label log-probs are the sliced teacher's; the first train step's loss, the
+    eval figures and an online step's loss equal dense references computed here with
+    softmax(teacher logits[..., :W]) (the online fit: one step on the same store, ~20 s more)."""
+    import dataclasses
+
     from raydistill import pipeline
     from raydistill.store import SoftTargetStore
     from raydistill.targets import decode
+    from raydistill.train import fit_student, read_final_state
 
     t = heads["T"]
     monkeypatch.setenv("RAYDISTILL_AUDIT_DIR", str(tmp_path / "audit"))
@@ -271,6 +275,21 @@ def test_run_with_a_wider_teacher(ray_session, heads, tiny_corpus, tmp_path, mon
     assert ev["eval_sequences"] == len(eval_ids) > 0
     assert abs(ev["student"]["kl_teacher_student"] - kl) < 1e-5 and ev["student"]["top1_agreement"] == agree
     assert abs(ev["teacher"]["ce"] - t_ce) < 1e-5
+
+    # train.online: the teacher's T + 64 logits are cut to W inside the step; its first loss is the
+    # exact dense one, alpha * KL(p_W || q) + (1 - alpha) * CE.
+    online = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, online=True, max_steps=1,
+                                                                checkpoint_every=1))
+    result, _ = fit_student(online, store, t, label="online")
+    assert result.error is None
+    order = np.load(glob.glob(str(tmp_path / "audit" / "online-rank0-epoch0-*.npy"))[0])[:8]
+    rows = [int(np.flatnonzero(table["seq_id"].to_numpy() == s)[0]) for s in order]
+    with torch.no_grad():
+        lq = F.log_softmax(student(input_ids=ids[rows]).logits[:, :-1].double(), -1)
+    kl = (lp[rows].exp() * (lp[rows] - lq)).sum(-1).mean()
+    ce = -lq.gather(-1, ids[rows, 1:, None]).mean()
+    first = read_final_state(result)["history"][0]
+    assert abs(first["loss"] - float(0.5 * kl + 0.5 * ce)) < 1e-4, (first, kl, ce)
 
 
 def _eval_ids(store) -> torch.Tensor:
