@@ -256,6 +256,20 @@ def _(c):
             ["student.model", c.teacher, other, "vocabulary", "student.init_from_teacher"])
 
 
+@case("a student head narrower than the tokenizer")
+def _(c):
+    path = c.tmp / "narrow-head"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(c.models / "gpt2-student"))
+    model.resize_token_embeddings(c.vocab - 8)  # same tokenizer, 8 ids without a logit
+    model.save_pretrained(str(path))
+    AutoTokenizer.from_pretrained(str(c.models / "gpt2-student")).save_pretrained(str(path))
+    cfg = c.cfg("student.init_from_teacher=null", f"student.model={path}")
+    return (lambda: pipeline.preflight(cfg), ModelError,
+            ["student.model", str(path), f"output layer of {c.vocab - 8} rows", f"{c.vocab} tokens"])
+
+
 @case("student with neither model nor init_from_teacher")
 def _(c):
     return (lambda: c.cfg("student.init_from_teacher=null"), ConfigError,
