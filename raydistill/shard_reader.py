@@ -1,5 +1,10 @@
-"""The trainer's view of the store: a Ray Data dataset of the shards' current rows, re-read at
-every epoch start so that refreshed versions are picked up.
+"""The trainer's view of the store: each rank's Ray Data dataset of its slices of the shards' current
+rows, re-executed at every epoch start so that refreshed versions are picked up.
+
+The ranks split the rows, not a stream: `rank_slices` gives every rank a contiguous run of the
+manifest's rows (whole shards, and a row range of at most two boundary shards), so every rank has
+at least rows // world rows and their order is the same in every run. Each rank reads its own
+dataset inside its worker — no dataset manager or split coordinator actor to start per fit.
 
 Kept free of torch: Ray imports this module in every reader task's worker process, and a torch
 import there costs seconds per process on a small machine.
@@ -13,27 +18,50 @@ from .log import log
 from .store import SoftTargetStore
 
 
+def rank_slices(shard_rows: list[tuple[str, int]], world: int) -> list[list[dict]]:
+    """[rank] → [{shard_id, start, stop}]: rank r trains on rows [N·r/world, N·(r+1)/world) of the
+    shards in manifest order (N rows in all)."""
+    total = sum(n for _, n in shard_rows)
+    bounds = [total * r // world for r in range(world + 1)]
+    slices: list[list[dict]] = [[] for _ in range(world)]
+    offset = 0
+    for sid, n in shard_rows:
+        for r in range(world):
+            lo, hi = max(bounds[r], offset), min(bounds[r + 1], offset + n)
+            if lo < hi:
+                slices[r].append({"shard_id": sid, "start": lo - offset, "stop": hi - offset})
+        offset += n
+    return slices
+
+
 def load_shards(batch: pa.Table, *, store_uri: str, what: str, schema: pa.Schema) -> pa.Table:
-    """Map step: shard ids → that shard's current rows (targets) or its inputs."""
+    """Map step: shard ids (and, where given, a start/stop row range of each) → those rows of the
+    shard's current version (targets) or of its inputs."""
     store = SoftTargetStore(store_uri)
+    ranges = batch.to_pylist()
     tables = []
-    for sid in batch.column("shard_id").to_pylist():
+    for item in ranges:
+        sid = item["shard_id"]
         try:
             table = store.read_shard(sid) if what == "targets" else store.read_input(sid)
         except CorruptShardError as e:
             # Never train on a bad shard: skip it this epoch; the next teacher pass re-issues it.
             log(f"skipping shard {sid}: {e}", warning=True)
             continue
+        if item.get("start") is not None:
+            table = table.slice(item["start"], item["stop"] - item["start"])
         tables.append(table.select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def store_dataset(store_uri: str, shard_ids: list[str], schema: pa.Schema, what: str = "targets",
+def store_dataset(store_uri: str, shards: list[str] | list[dict], schema: pa.Schema, what: str = "targets",
                   readers: int = 2):
-    """A lazily executed dataset of the shards' current rows (checksums verified on read)."""
+    """A lazily executed dataset of the shards' current rows (checksums verified on read); `shards`
+    are ids (whole shards) or `rank_slices` items."""
     import ray.data
 
-    ds = ray.data.from_items([{"shard_id": s} for s in shard_ids], override_num_blocks=len(shard_ids))
+    items = [s if isinstance(s, dict) else {"shard_id": s, "start": None, "stop": None} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds.context.enable_progress_bars = False  # re-read every epoch: rank 0's step log is the progress
     # A bounded number of reader tasks: one per shard at once would start a worker process per
     # shard, and memory would grow with the store instead of staying flat.

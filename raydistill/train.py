@@ -1,9 +1,11 @@
 """Student training: Ray Train DDP over the soft-target store (or a live teacher, `train.online`).
 
-Each epoch re-executes a Ray Data dataset of shard ids whose map step reads the manifest and
-loads that shard's *current* version, so refreshed shards are picked up at epoch start and a
-superseded version is never counted twice. Ray Train splits it equally over the ranks
-(`streaming_split(equal=True)`), so every rank runs the same number of steps.
+Each rank reads its own slice of the store's rows (`shard_reader.rank_slices`: a contiguous run of
+the manifest's rows, the same in every run) through a Ray Data dataset of shard ids whose map step
+reads the manifest and loads that shard's *current* version, re-executed at each epoch, so
+refreshed shards are picked up and a superseded version is never counted twice. Every rank has at
+least rows // world rows, so all run the same number of steps; a shard skipped on one rank (a
+corrupt file) ends that epoch on every rank together (`every_rank_has`), never a hang.
 
 The driver (`fit_student`) turns the config into a `TrainPlan`; every worker runs a `Trainer`
 over it, stage by stage: set-up (`Trainer.__init__`), targets for a batch (`targets_for`), the
@@ -46,9 +48,10 @@ from .log import log0
 from .chunked_loss import chunk_tokens_for, fused_distill_loss, use_fused
 from .losses import ce_loss, distill_loss, temperature_at
 from .tasks.base import Task
-from .shard_reader import store_dataset
+from .shard_reader import rank_slices, store_dataset
 from .sharding import (full_state, gradient_sync, load_full_state, local_share, optimizer_format,
                        prepare_student, save_pretrained)
+from .store import parent_id
 from .targets import decode, from_logits
 
 if TYPE_CHECKING:
@@ -70,6 +73,10 @@ class TrainPlan:
     fault: dict | None = None        # faults.train_fault() (tests)
     audit_dir: str | None = None     # RAYDISTILL_AUDIT_DIR: seq_ids per rank and epoch (tests)
     vocab_size: int | None = None    # W (models.ModelInfo): the online teacher's logits are cut to it
+    store_uri: str = ""              # where the rows are read from, and which: rank → shard slices
+    slices: tuple = ()               # shard_reader.rank_slices
+    schema: pa.Schema | None = None  # the columns read (dataset_schema)
+    readers: int = 1                 # reader tasks per rank
 
     def __post_init__(self):
         assert self.reads in READS, self.reads
@@ -272,42 +279,61 @@ class Trainer:
                  warning=True)
 
     def run(self) -> None:
-        import ray.train
-
         p, t = self.plan, self.cfg.train
-        shard = ray.train.get_dataset_shard("train")
+        batches_per_epoch = p.steps_per_epoch * t.grad_accum
+        epoch = self.step // p.steps_per_epoch
+        skip = (self.step % p.steps_per_epoch) * t.grad_accum  # after a resume: batches of this epoch done
         while self.step < p.total_steps:
-            epoch = self.step // p.steps_per_epoch
-            skip = (self.step % p.steps_per_epoch) * t.grad_accum  # batches of this epoch already trained on
             micro, ran = 0, False
-            for i, batch in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
-                                                         drop_last=True)):
-                if i < skip or i >= p.steps_per_epoch * t.grad_accum or self.step >= p.total_steps:
-                    # Every rank still drains its split (streaming_split waits for all consumers); the
-                    # batches after the epoch's last whole step are not trained on (with grad_accum > 1
+            batches = self.epoch_batches()
+            try:
+                for i in range(batches_per_epoch):
+                    # The batches after the epoch's last whole step are not read (with grad_accum > 1
                     # their gradients would leak into the next epoch's first step).
-                    continue
-                ran = True
-                self.audit.add(batch)
-                inputs, targets = self.targets_for(batch)
-                sync = (micro + 1) % t.grad_accum == 0
-                if sync and self.refresh is not None:
-                    # Before this backward's all-reduce: while rank 0 waits, the others wait in it.
-                    self.refresh.before_step(self.step + 1)
-                temperature = self.temperature()
-                loss, parts = self.loss_step(inputs, targets, temperature, sync=sync)
-                micro += 1
-                self.tokens_since += inputs["input_ids"].numel() * self.world
-                if not sync:
-                    continue
-                self.optimizer_step()
-                if self.refresh is not None:
-                    self.refresh.after_step(self.step, unwrap(self.model))
-                self.log_and_checkpoint(loss, parts, temperature)
+                    batch = next(batches, None)
+                    if not self.every_rank_has(batch is not None) or self.step >= p.total_steps:
+                        break
+                    if i < skip:
+                        continue
+                    ran = True
+                    self.audit.add(batch)
+                    inputs, targets = self.targets_for(batch)
+                    sync = (micro + 1) % t.grad_accum == 0
+                    if sync and self.refresh is not None:
+                        # Before this backward's all-reduce: while rank 0 waits, the others wait in it.
+                        self.refresh.before_step(self.step + 1)
+                    temperature = self.temperature()
+                    loss, parts = self.loss_step(inputs, targets, temperature, sync=sync)
+                    micro += 1
+                    self.tokens_since += inputs["input_ids"].numel() * self.world
+                    if not sync:
+                        continue
+                    self.optimizer_step()
+                    if self.refresh is not None:
+                        self.refresh.after_step(self.step, unwrap(self.model))
+                    self.log_and_checkpoint(loss, parts, temperature)
+            finally:
+                batches.close()  # stops this epoch's reader tasks when the epoch ends early
             self.audit.close_epoch(epoch)
             if not ran and skip == 0:
                 raise RuntimeError(f"[{p.label}] the training split of rank {self.rank} is empty: the store has "
                                    f"fewer rows than train.workers × train.batch_size")
+            epoch, skip = epoch + 1, 0  # a short epoch (a skipped shard) is not re-run from its middle
+
+    def epoch_batches(self):
+        """This rank's batches of one epoch, from the shards' current versions."""
+        p = self.plan
+        ds = store_dataset(p.store_uri, list(p.slices[self.rank]), p.schema, p.reads, readers=p.readers)
+        for batch in ds.iter_batches(batch_size=self.cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
+            yield batch
+
+    def every_rank_has(self, has_batch: bool) -> bool:
+        """Whether every rank has its next batch: one short rank (a shard skipped) stops them all."""
+        if self.world == 1:
+            return has_batch
+        flag = torch.tensor([int(has_batch)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     def targets_for(self, batch: pa.Table):
         """(model inputs on the device, soft targets or None): targets from the store's shard, or
@@ -445,17 +471,18 @@ def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: f
     from .tasks import get_task
 
     alpha = cfg.train.alpha if alpha is None else alpha
-    shard_ids = store.shard_ids()
-    train_rows = sum(s["rows"] for s in store.manifest()["inputs"]["shards"].values())
-    steps_per_epoch, total = plan_steps(cfg, train_rows)
+    inputs = store.manifest()["inputs"]["shards"]
+    shard_rows = [(sid, inputs[parent_id(sid)]["rows"]) for sid in store.shard_ids()]  # a component: its shard's rows
+    steps_per_epoch, total = plan_steps(cfg, sum(n for _, n in shard_rows))
     # Targets are read only when the loss uses them; online and hard-label runs read the inputs.
     reads = "inputs" if cfg.train.online or alpha == 0 else "targets"
+    t = cfg.train
     plan = TrainPlan(config=cfg.to_dict(), alpha=alpha, label=label, reads=reads, total_steps=total,
                      steps_per_epoch=steps_per_epoch, refresh=refresh, fault=faults.train_fault(),
-                     audit_dir=os.environ.get("RAYDISTILL_AUDIT_DIR"), vocab_size=vocab_size)
-    store_uri = store.uri
-    schema = dataset_schema(reads, cfg.targets.format, vocab_size, get_task(cfg))
-    t = cfg.train
+                     audit_dir=os.environ.get("RAYDISTILL_AUDIT_DIR"), vocab_size=vocab_size,
+                     store_uri=store.uri, slices=tuple(rank_slices(shard_rows, max(1, t.workers))),
+                     schema=dataset_schema(reads, cfg.targets.format, vocab_size, get_task(cfg)),
+                     readers=max(1, 2 // max(1, t.workers)))  # 2 reader tasks in all for 1-2 workers
     resources = {"CPU": t.cpus_per_worker, **t.resources}
     if t.use_gpu:
         resources["GPU"] = 1
@@ -466,8 +493,6 @@ def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: f
         run_config=RunConfig(name=f"{cfg.run.name}-{label}", storage_path=f"{output_dir(cfg)}/checkpoints",
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": lambda: store_dataset(store_uri, shard_ids, schema, reads,
-                                                 readers=max(2, cfg.train.workers))},
     )
     return trainer.fit(), total
 

@@ -77,3 +77,21 @@ def test_marker_is_claimed_once(tmp_path):
     marker = str(tmp_path / "m")
     assert faults._claim(marker) and not faults._claim(marker)
     assert open(marker).read() == str(os.getpid())
+
+
+@pytest.mark.parametrize("rows,world", [([24] * 10, 2), ([24] * 3, 2), ([24, 24, 24, 7], 3), ([5, 40, 1, 33, 24], 4),
+                                        ([10], 1), ([3, 3], 4)])
+def test_rank_slices_split_the_rows_evenly_in_order(rows, world):
+    """Every row once, ranks contiguous in manifest order, each rank at least N // world rows."""
+    from raydistill.shard_reader import rank_slices
+
+    shards = [(f"s{i:02d}", n) for i, n in enumerate(rows)]
+    slices = rank_slices(shards, world)
+    assert len(slices) == world
+    seen = []
+    for r, parts in enumerate(slices):
+        mine = [(p["shard_id"], row) for p in parts for row in range(p["start"], p["stop"])]
+        assert len(mine) in (sum(rows) // world, sum(rows) // world + 1), (r, len(mine))
+        assert all(0 <= p["start"] < p["stop"] <= dict(shards)[p["shard_id"]] for p in parts)
+        seen += mine
+    assert seen == [(sid, row) for sid, n in shards for row in range(n)]  # in order, none twice, none left out
