@@ -273,7 +273,9 @@ def test_run_with_a_wider_teacher(ray_session, heads, tiny_corpus, tmp_path, mon
     ev, eval_ids = report["eval"], _eval_ids(store)
     kl, agree, t_ce = _eval_reference(_model(report["outputs"]["student"]), teacher, eval_ids, t)
     assert ev["eval_sequences"] == len(eval_ids) > 0
-    assert abs(ev["student"]["kl_teacher_student"] - kl) < 1e-5 and ev["student"]["top1_agreement"] == agree
+    assert abs(ev["student"]["kl_teacher_student"] - kl) < 1e-5
+    # The trained student depends on the read order: allow one near-tie argmax (float32 vs float64).
+    assert abs(ev["student"]["top1_agreement"] - agree) <= 1.0 / eval_ids[:, 1:].numel()
     assert abs(ev["teacher"]["ce"] - t_ce) < 1e-5
 
     # train.online: the teacher's T + 64 logits are cut to W inside the step; its first loss is the
