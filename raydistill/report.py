@@ -27,7 +27,7 @@ Report keys (all optional except `run`):
     refresh:        {policy, fraction, every_steps, source, passes, rows_refreshed, max_age_seen, bound_steps}
     ages:           [{step, max_age, mean_age}]
     teachers:       several teachers: {name: {model, weight, teacher_rev, routed_rows, mixture_rows, rows,
-                    tokens, teacher_tokens: {initial, refresh}, teacher_seconds, max_age}}
+                    tokens, teacher_tokens: {initial, refresh}, teacher_seconds, max_age, max_age_seen}}
                     (teachers.report_section); eval["teachers"]: {name: {all_rows, own_rows}}
 """
 from __future__ import annotations
@@ -241,10 +241,10 @@ def _markdown(r: dict, plots: list[str]) -> str:
             return ((per_eval.get(name) or {}).get(part) or {}).get("student", {}).get("ce")
         rows = [[n, t.get("weight"), t.get("routed_rows"), t.get("mixture_rows"), t.get("tokens"),
                  sum((t.get("teacher_tokens") or {}).values()), t.get("teacher_seconds"), t.get("max_age"),
-                 ce(n, "own_rows"), ce(n, "all_rows")] for n, t in teachers.items()]
+                 t.get("max_age_seen"), ce(n, "own_rows"), ce(n, "all_rows")] for n, t in teachers.items()]
         lines += ["## Teachers", ""]
         lines += _table(["teacher", "weight", "routed rows", "mixture rows", "tokens", "teacher tokens",
-                         "teacher s", "max age", "student CE (own rows)", "student CE (all rows)"], rows)
+                         "teacher s", "max age", "max age seen", "student CE (own rows)", "student CE (all rows)"], rows)
 
     store = r.get("store") or {}
     if store:

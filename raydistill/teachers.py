@@ -353,6 +353,29 @@ def refresh_pass(cfg, store, decision, on_commit, *, pool_for, vocab_size: int, 
             "teachers": {p["teacher"]: {k: p[k] for k in ("rows", "tokens", "seconds")} for p in passes}}
 
 
+# ---------------------------------------------------------------- ages per teacher (refresh)
+
+def produced_by_teacher(record: dict | None) -> dict[str, int]:
+    """{teacher: produced_at_step} of the targets a trained shard's current version holds: a routed
+    shard's one teacher, or each component of a mix (whose own produced_at_step is the oldest of
+    them). {} for a one-teacher store (its records name no teacher)."""
+    if not record:
+        return {}
+    if record.get("teachers"):
+        return {n: int(p["produced_at_step"]) for n, p in record["teachers"].items()}
+    return {record["teacher"]: int(record["produced_at_step"])} if record.get("teacher") else {}
+
+
+def max_ages(produced_by: dict[str, dict[str, int]], step: int) -> dict[str, int]:
+    """{teacher: the largest age at `step` of its targets over the trained shards}, from
+    {shard_id: produced_by_teacher(record)}."""
+    out: dict[str, int] = {}
+    for per in produced_by.values():
+        for name, produced in per.items():
+            out[name] = max(out.get(name, step - produced), step - produced)
+    return out
+
+
 # ---------------------------------------------------------------- compare_single_teacher
 
 class _SingleTeacherView:
@@ -529,11 +552,14 @@ def evaluate(cfg, store, student_dirs: dict, max_rows: int = 512) -> dict:
 def report_section(cfg, store, passes: list[dict], refresh: dict | None, step: int) -> dict:
     """Per teacher: what it teaches (routed and mixture rows, tokens), its teacher compute (initial
     and refresh passes, and the compare_single_teacher pass: forward tokens; seconds of all), its
-    revision and the largest age at `step` of the targets it produced."""
+    revision, the largest age at `step` of the targets it produced (`max_age`) and the largest age of
+    them any training step saw (`max_age_seen`: the refresh scheduler's record; without refresh ages
+    only grow, so it is the last step's)."""
     m, groups = store.manifest(), shard_groups(store)
     rows_of = {sid: rec["rows"] for sid, rec in m["inputs"]["shards"].items()}
     seq_len = int(m["inputs"]["info"].get("seq_len") or cfg.data.seq_len)
     refresh_log = (refresh or {}).get("pass_log") or []
+    seen = (refresh or {}).get("max_age_seen_by_teacher") or {}
     out = {}
     for e in cfg.teachers:
         routed = sum(rows_of.get(s, 0) for s, g in groups.items() if g == e.name)
@@ -550,4 +576,5 @@ def report_section(cfg, store, passes: list[dict], refresh: dict | None, step: i
                                           "compare_single_teacher": sum(p["tokens"] for p in compare)},
                        "teacher_seconds": round(sum(p["seconds"] for p in mine + again), 3),
                        "max_age": step - min(produced) if produced else None}
+        out[e.name]["max_age_seen"] = seen.get(e.name, out[e.name]["max_age"])
     return out

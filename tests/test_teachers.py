@@ -225,6 +225,8 @@ def test_refresh_rescores_each_shard_with_its_own_teachers(built):
             s.on_step(step)
         st = s.status()
         assert st["passes"] == 1 and st["failed_passes"] == 0 and st["pool_replicas"] == 2
+        by = st["max_age_seen_by_teacher"]     # each teacher's oldest targets; the largest is the run's
+        assert set(by) == set(WEIGHTS) and max(by.values()) == st["max_age_seen"]
     finally:
         s.close_pool()
     chosen = {sid for sid in groups if store.current(sid)["produced_at_step"] == 2}
@@ -324,6 +326,52 @@ def test_routed_shard_ids_interleave_the_groups():
     assert order == ["code", "prose", "code", "mixture", "code", "prose", "code"]
     assert sorted(ids[("code", j)] for j in range(4)) == [ids[("code", j)] for j in range(4)]  # kept in order
     assert ids[("prose", 1)] == "00005-prose" and len(set(ids.values())) == 7
+
+
+def test_scheduler_records_the_max_age_each_teacher_sees():
+    """Ages per teacher (no Ray): a routed shard ages its teacher's targets, a mix each component's
+    (the mix's own produced_at_step, which the one bound checks, is its oldest component's)."""
+    from test_refresh_scheduler import MemoryStore, instant_pass, make_cfg
+
+    from raydistill.refresh.scheduler import RefreshScheduler
+
+    def records(store, mix_code: int, mix_prose: int) -> None:
+        recs = {sid: store._m["shards"][sid]["versions"]["1"] for sid in store._m["shards"]}
+        recs["00000"].update(teacher="code", produced_at_step=8)
+        recs["00001"].update(teacher="prose", produced_at_step=5)
+        recs["00002"].update(produced_at_step=min(mix_code, mix_prose), teachers={
+            "code": {"produced_at_step": mix_code}, "prose": {"produced_at_step": mix_prose}})
+
+    store = MemoryStore(3)
+    records(store, mix_code=3, mix_prose=-1)
+    none = RefreshScheduler(make_cfg(fraction=0.0), store, background=False, persist_every_s=1e9)
+    for step in range(1, 21):
+        none.on_step(step)
+    st = none.status()
+    # code: max(20 - 8, 20 - 3) = 17 (its mix component); prose: max(20 - 5, 20 - -1) = 21.
+    assert st["max_age_seen_by_teacher"] == {"code": 17, "prose": 21} and st["max_age_seen"] == 21
+
+    # Refreshed (round robin, one shard every 2 steps, bound 6): each pass commits the teachers' new
+    # targets; every teacher's max age seen stays within the one bound, and the largest is the run's.
+    store = MemoryStore(3)
+    records(store, mix_code=-1, mix_prose=-1)
+    inner = instant_pass()
+
+    def run_pass(decision, on_commit):
+        def commit(sid, rec):
+            by = {"00000": {"teacher": "code"}, "00001": {"teacher": "prose"}}.get(sid) or {
+                "teachers": {n: {"produced_at_step": decision.step} for n in ("code", "prose")}}
+            on_commit(sid, dict(rec, **by))
+        return inner(decision, commit)
+
+    rr = RefreshScheduler(make_cfg(fraction=1 / 3, every=2), store, run_pass=run_pass, background=False,
+                          persist_every_s=1e9)
+    for step in range(1, 61):
+        rr.on_step(step)
+    st = rr.status()
+    by = st["max_age_seen_by_teacher"]
+    assert set(by) == {"code", "prose"} and max(by.values()) == st["max_age_seen"] <= st["bound_steps"] == 6
+    assert st["passes"] == 30
 
 
 # ---------------------------------------------------------------- refused before Ray starts

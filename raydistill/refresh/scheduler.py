@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..log import log
+from ..teachers import max_ages, produced_by_teacher
 from .policy import RefreshDecision, bound_steps, effective_bound, make_policy, older_than, shards_per_decision
 from .status import bound_figures, max_latency, window_stall_share
 
@@ -74,6 +75,7 @@ class SchedulerState:
     last_step: int = 0            # newest student step seen
     last_slot: int = 0            # schedule slot of the last decision (decisions are due at last_slot + S)
     max_age_seen: int | None = None
+    max_age_seen_by_teacher: dict = field(default_factory=dict)  # several teachers: {name: max age seen}
     restarts: int = 0
     ages: list = field(default_factory=list)      # [[step, max_age, mean_age]], thinned to MAX_AGES
     pass_log: list = field(default_factory=list)  # [{start_step, commit_step, shards, rows, ..., ok}]
@@ -160,9 +162,11 @@ class RefreshScheduler:
         m = store.manifest()
         self.shard_ids = store._trained_ids(m)  # the shards training reads (no mixture components)
         self.produced: dict[str, int | None] = {}
+        self.produced_by: dict[str, dict[str, int]] = {}  # several teachers: each one's part of a shard
         for sid in self.shard_ids:
             rec = store._current(m, sid)
             self.produced[sid] = None if rec is None else int(rec["produced_at_step"])
+            self.produced_by[sid] = produced_by_teacher(rec)
         saved = (m.get("state") or {}).get(STATE_KEY) or {}
         if saved and saved.get("run") != cfg.run.name:
             log(f"refresh state in {store.uri} belongs to run {saved.get('run')!r}, not {cfg.run.name!r}: "
@@ -384,6 +388,7 @@ class RefreshScheduler:
     def _on_commit(self, shard_id: str, record: dict) -> None:
         with self._lock:
             self.produced[shard_id] = int(record["produced_at_step"])
+            self.produced_by[shard_id] = produced_by_teacher(record)
             self._changed.notify_all()
 
     def _pass_body(self, decision: RefreshDecision) -> None:
@@ -481,6 +486,9 @@ class RefreshScheduler:
             ages[:] = [max(head[i:i + 2], key=lambda a: a[1]) for i in range(0, len(head), 2)] + ages[-1:]
         seen = self.state.max_age_seen
         self.state.max_age_seen = mx if seen is None else max(seen, mx)
+        by = self.state.max_age_seen_by_teacher
+        for name, age in max_ages(self.produced_by, step).items():
+            by[name] = max(by.get(name, age), age)
         self.metrics.shard_ages(mx, mean)
         self._dirty = True
 
@@ -525,7 +533,7 @@ class RefreshScheduler:
                     "source": st.source, "enforce": self.cfg.refresh.enforce, "passes": st.passes,
                     "failed_passes": st.failed_passes, "rows_refreshed": st.rows_refreshed,
                     "teacher_tokens": st.teacher_tokens, "generated_tokens": st.generated_tokens,
-                    "max_age_seen": st.max_age_seen,
+                    "max_age_seen": st.max_age_seen, "max_age_seen_by_teacher": dict(st.max_age_seen_by_teacher),
                     **bound_figures(st, fraction=self.fraction, every=self.every, max_age=self.max_age,
                                     has_policy=self.policy is not None),
                     "pool_replicas": sum(p.size for p in self._pools.values()) or st.pool_size,
