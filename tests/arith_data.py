@@ -109,15 +109,17 @@ def train_teacher(out_dir: str, tok, qa: list[tuple[int, int]], *, steps: int = 
 
 
 def run_config(name: str, teacher: str, corpus: str, out: str, *, rationale: bool, student_steps: int,
-               eval_fraction: float = 0.2, seed: int = 0, workers: int = 1):
+               eval_fraction: float = 0.2, seed: int = 0, workers: int = 1, student_width: int = 32,
+               hard_labels: bool = True):
     """The pipeline config of one arm of the comparison (bench/rationale_rows.py, the e2e test).
 
     rationale: the teacher writes every training response (TEMPLATE, greedy), CE + token KD (alpha 0.5),
-    and the same student with CE only beside it (run.compare_hard_labels); else the answers alone, CE only."""
+    and, with `hard_labels`, the same student with CE only beside it (run.compare_hard_labels); else the
+    answers alone, CE only. The student is a 2-layer copy of the teacher's architecture, `student_width` wide."""
     from raydistill.config import load_config
 
     over = [f"run.name={name}", f"run.output_dir={out}", f"run.seed={seed}", f"teacher.model={teacher}",
-            "student.init_from_teacher={n_layer: 2, n_embd: 32}", f"data.path={corpus}",
+            f"student.init_from_teacher={{n_layer: 2, n_embd: {student_width}}}", f"data.path={corpus}",
             "data.format=prompt_response", "data.prompt_column=question", "data.response_column=response",
             "data.answer_column=answer", "data.seq_len=64", f"data.eval_fraction={eval_fraction}",
             f"rationale.answer_prefix='{ANSWER_PREFIX}'", "targets.format=topk", "targets.k=8",
@@ -127,7 +129,7 @@ def run_config(name: str, teacher: str, corpus: str, out: str, *, rationale: boo
             "train.log_every=50"]
     if rationale:
         over += ["generate.enabled=true", "generate.temperature=0", f"generate.prompt_template={TEMPLATE!r}",
-                 "train.alpha=0.5", "run.compare_hard_labels=true"]
+                 "train.alpha=0.5", f"run.compare_hard_labels={str(hard_labels).lower()}"]
     else:
         over += ["train.alpha=0"]
     return load_config(None, over)
