@@ -11,7 +11,9 @@ Layout (local path or remote URI such as s3://bucket/run/targets, gs://...)::
 `manifest.json`::
 
     {"format_version": 1,
-     "tokenizer": {"name", "vocab_size", "hash"},          # what every shard was tokenized with
+     "tokenizer": {"name", "vocab_size", "hash", "width"}, # what every shard was tokenized with;
+                                    # width: W, the shared head width its target ids stay below
+                                    # (models.ModelInfo; absent in stores written before it)
      "targets":   {"format", <params>},                    # e.g. {"format": "topk", "k": 20, ...}
      "inputs":    {"shards": {shard_id: {"input": rel, "rows": n, "checksum", "bytes"}}, "eval": rel,
                    "eval_checksum": str, "info": {...}},         # checksums: verified on every read
@@ -183,6 +185,21 @@ def _describe(d: dict) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _check_width(uri: str, have: dict, want: dict) -> None:
+    """Refuse a store scored at another width W (models.ModelInfo): its ids could index past this run's
+    narrowest head, or its targets lack rows this run's heads score. A store (or a caller) without
+    "width" predates the field: nothing to compare."""
+    if "width" not in have or "width" not in want or int(have["width"]) == int(want["width"]):
+        return
+    old, new = int(have["width"]), int(want["width"])
+    why = (f"its ids up to {old - 1} would index past this run's narrowest head ({new} rows)" if old > new
+           else f"its targets give ids {old}..{new - 1} no probability where this run's heads score them")
+    raise StoreError(
+        f"soft-target store {uri} was scored at width {old} (the narrowest output layer of the models that "
+        f"built it), but this run's teacher(s) and student share width {new}: {why} — use a new "
+        f"targets.store, or run with the models this store was built with (width {old})")
+
+
 class SoftTargetStore:
     """A handle on one store; cheap to create, holds no cached state (the manifest is re-read)."""
 
@@ -221,7 +238,7 @@ class SoftTargetStore:
     @classmethod
     def open(cls, uri, *, tokenizer: dict, targets: dict, create: bool = True,
              filesystem: pafs.FileSystem | None = None, writer: str | None = None) -> "SoftTargetStore":
-        """Open (or create) a store for a run; refuse one built for another tokenizer or format.
+        """Open (or create) a store for a run; refuse one built for another tokenizer, width or format.
         `writer` (the run name): take the store's writer lease first, refused while another job holds it."""
         store = cls(uri, filesystem=filesystem)
         m = store._read_manifest(missing_ok=True)
@@ -246,6 +263,7 @@ class SoftTargetStore:
             raise StoreError(
                 f"soft-target store {store.uri} holds targets for tokenizer {_describe(have_tok)}, "
                 f"but this run asks for tokenizer {_describe(tokenizer)} — {fix}")
+        _check_width(store.uri, have_tok, tokenizer)
         if m["targets"] != targets:
             old = m["targets"].get("schema") != targets.get("schema")
             raise StoreError(

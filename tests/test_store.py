@@ -89,6 +89,28 @@ def test_open_refuses_other_tokenizer(tmp_path, change):
     assert "use another targets.store" in msg and f"delete {uri}" in msg
 
 
+@pytest.mark.parametrize("old,new", [(576, 512), (512, 576)])
+def test_open_refuses_other_width(tmp_path, old, new):
+    """A store scored at width W (the models' narrowest head, tokenizer["width"]) is refused by a run
+    whose models share another W, either way; the same W reopens, and so does a store written before
+    "width" was recorded (and a caller that gives none)."""
+    uri = str(tmp_path / "t")
+    SoftTargetStore.open(uri, tokenizer={**TOK, "width": old}, targets=TOPK)
+    with pytest.raises(StoreError) as ei:
+        SoftTargetStore.open(uri, tokenizer={**TOK, "width": new}, targets=TOPK)
+    msg = str(ei.value)
+    assert uri in msg and f"scored at width {old}" in msg and f"share width {new}" in msg
+    assert "use a new targets.store" in msg and f"models this store was built with (width {old})" in msg
+    assert ("index past" in msg) == (old > new)
+    same = SoftTargetStore.open(uri, tokenizer={**TOK, "width": old}, targets=TOPK)
+    assert same.manifest()["tokenizer"]["width"] == old
+    SoftTargetStore.open(uri, tokenizer=TOK, targets=TOPK)
+    older = str(tmp_path / "older")
+    SoftTargetStore.open(older, tokenizer=TOK, targets=TOPK)  # its manifest has no "width"
+    assert "width" not in SoftTargetStore.open(older, tokenizer={**TOK, "width": new}, targets=TOPK,
+                                               create=False).manifest()["tokenizer"]
+
+
 @pytest.mark.parametrize("other", [SAMPLED, {**TOPK, "k": 8}])
 def test_open_refuses_other_format(tmp_path, other):
     uri = str(tmp_path / "t")
