@@ -16,6 +16,10 @@ hidden states [B, T, H] and the LM-head weight [V, H] (+ bias) go in, and the lo
   teacher  `encode_chunked` = `targets.encode` on the full logits, chunk by chunk of positions:
            same columns, same top-k, and (on CPU) the same sampled ids and counts for the same
            generator, because the rows are drawn in the same row-major order.
+  online   `TeacherHead`: dense targets kept as the teacher's final hidden states + its head cut to
+           the shared width W; `fused_distill_loss` makes each chunk's teacher logits (no grad) next
+           to the student's and turns them into dense targets (`targets.from_logits`, what the online
+           loss builds from full logits), so neither model's [B, T, V] logits ever exist.
   eval     `RowLogProbs`: float32 log-probs of rows [lo, hi) of a batch's predicting positions, the
            head applied to those rows only (evaluate.py's KL / CE / agreement sum chunk by chunk).
 
@@ -26,15 +30,16 @@ them reproduces the model's own logits (models that scale or soft-cap logits are
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from raydistill.losses import ce_loss, kd_per_token
-from raydistill.targets import SparseTargets, encode
+from raydistill.targets import SparseTargets, encode, from_logits
 
-__all__ = ["CHUNK_LOGITS", "chunk_tokens_for", "use_fused", "fused_distill_loss", "encode_chunked",
+__all__ = ["CHUNK_LOGITS", "chunk_tokens_for", "use_fused", "fused_distill_loss", "TeacherHead", "encode_chunked",
            "fused_head_problem", "model_hidden", "RowLogProbs"]
 
 # Chunk size when none is given (train.loss_chunk_tokens: null): a chunk holds about CHUNK_LOGITS
@@ -67,11 +72,15 @@ def _check(hidden, weight, bias, targets, labels, alpha) -> None:
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"the LM-head bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
     if targets is not None:
-        if targets.logprobs.shape[:2] != labels.shape:
-            raise ValueError(f"targets cover {tuple(targets.logprobs.shape[:2])} positions but labels are "
+        # A TeacherHead is dense targets whose [B, T, W] log-probs are made chunk by chunk.
+        head = isinstance(targets, TeacherHead)
+        positions = targets.hidden.shape[:2] if head else targets.logprobs.shape[:2]
+        width = targets.weight.shape[0] if head else targets.logprobs.shape[-1]
+        if positions != labels.shape:
+            raise ValueError(f"targets cover {tuple(positions)} positions but labels are "
                              f"{tuple(labels.shape)} — targets describe input_ids[:, 1:]")
-        if targets.ids is None and targets.logprobs.shape[-1] > weight.shape[0]:  # narrower: losses pads
-            raise ValueError(f"dense targets have {targets.logprobs.shape[-1]} classes, the student "
+        if (head or targets.ids is None) and width > weight.shape[0]:  # narrower: losses pads
+            raise ValueError(f"dense targets have {width} classes, the student "
                              f"{weight.shape[0]} — cut the teacher's logits to the shared width "
                              "(models.ModelInfo.vocab_size)")
 
@@ -124,7 +133,7 @@ class _FusedHeadKD(torch.autograd.Function):
                 hc = h[lo:hi].to(mm)
                 with torch.enable_grad():
                     logits = F.linear(hc, w, b).float().requires_grad_(True)
-                    kd, ce = _chunk_loss(logits, tgt.select(slice(lo, hi)), lab[lo:hi], spec)
+                    kd, ce = _chunk_loss(logits, _chunk_targets(tgt, lo, hi), lab[lo:hi], spec)
                     g, = torch.autograd.grad(_total(kd, ce, n, spec), logits)
                 kd_sum, ce_sum = kd_sum + kd.detach(), ce_sum + ce.detach()
                 g = g.to(mm)
@@ -150,7 +159,44 @@ class _FusedHeadKD(torch.autograd.Function):
         return (*out, None, None, None)
 
 
-def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: SparseTargets | None,
+@dataclass
+class TeacherHead:
+    """Online dense targets as the teacher's final hidden states and head, logits made per chunk.
+
+    hidden [B, T, Ht] (or [N, Ht] rows) at the positions that predict input_ids[:, 1:], weight [W, Ht]
+    and bias [W] | None: the teacher's head cut to the shared width W (`cut`). A chunk's targets are
+    `targets.from_logits(F.linear(hidden, weight, bias).float())`, what today's online step builds
+    from the teacher's full logits[..., :W]; the head runs in the teacher's dtype, as its forward does.
+    """
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def cut(cls, hidden, weight, bias, width: int | None) -> "TeacherHead":
+        """The teacher's head rows [:width] (None: all) — ids >= W are head padding, not tokens."""
+        if width is not None and width > weight.shape[0]:
+            raise ValueError(f"the online teacher's head has {weight.shape[0]} rows, fewer than the run's width "
+                             f"W={width} (models.ModelInfo.vocab_size)")
+        w = slice(None) if width is None else slice(0, width)
+        return cls(hidden.detach(), weight.detach()[w], None if bias is None else bias.detach()[w])
+
+    def select(self, mask) -> "TeacherHead":
+        """Rows where `mask` ([B, T] bool) is true, or a slice of rows, like `SparseTargets.select`."""
+        return replace(self, hidden=self.hidden[mask])
+
+    def dense(self) -> SparseTargets:
+        """Dense targets [..., W] of these rows (float32 log-softmax of their logits, detached)."""
+        with torch.no_grad():
+            return from_logits(F.linear(self.hidden.to(self.weight.dtype), self.weight, self.bias).float())
+
+
+def _chunk_targets(tgt, lo: int, hi: int) -> SparseTargets:
+    part = tgt.select(slice(lo, hi))
+    return part.dense() if isinstance(part, TeacherHead) else part
+
+
+def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: SparseTargets | TeacherHead | None,
                        labels: torch.Tensor, *, bias: torch.Tensor | None = None, alpha: float,
                        temperature: float = 1.0, loss: str = "forward_kl", jsd_beta: float = 0.5,
                        ignore_index: int = -100, chunk_tokens: int | None = None,
@@ -159,9 +205,11 @@ def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: Spar
 
     hidden [B, T, H] any float dtype (the student's final hidden states at positions 0..T-1, i.e.
     `[:, :-1]`), weight [V, H], bias [V] or None, targets [B, T, ...] (None only with alpha == 0),
-    labels [B, T]. Returns (scalar float32 total, {"kd": float, "ce": float}) like `distill_loss`;
-    at most `chunk_tokens` rows of [*, V] logits (and their float32 copies) exist at any time
-    (None: `chunk_tokens_for(V)`, a chunk of about CHUNK_LOGITS logits).
+    labels [B, T]; targets may be a `TeacherHead` (online: the teacher's logits are made per chunk
+    too, equal to dense `from_logits` targets). Returns (scalar float32 total, {"kd": float, "ce":
+    float}) like `distill_loss`; at most `chunk_tokens` rows of [*, V] logits (and their float32
+    copies; student and teacher) exist at any time (None: `chunk_tokens_for(V)`, a chunk of about
+    CHUNK_LOGITS logits).
     Masked rows (labels == ignore_index) are dropped before any logit is computed.
     """
     _check(hidden, weight, bias, targets, labels, alpha)

@@ -45,7 +45,7 @@ import torch
 
 from . import faults
 from .log import log0
-from .chunked_loss import chunk_tokens_for, fused_distill_loss, use_fused
+from .chunked_loss import TeacherHead, chunk_tokens_for, fused_distill_loss, fused_head_problem, use_fused
 from .losses import ce_loss, distill_loss, temperature_at
 from .tasks.base import Task
 from .shard_reader import rank_slices, store_dataset
@@ -337,8 +337,14 @@ class Trainer:
 
     def targets_for(self, batch: pa.Table):
         """(model inputs on the device, soft targets or None): targets from the store's shard, or
-        the online teacher's logits, or none at all when only hard labels are trained on."""
+        the online teacher's logits (with the fused loss: its hidden states + head, `TeacherHead`),
+        or none at all when only hard labels are trained on."""
         inputs = {k: v.to(self.device) for k, v in self.task.inputs_from_arrow(batch).items()}
+        if self.teacher is not None and self._fused(inputs, self.task.labels(inputs)) and self.teacher_head:
+            # The fused loss makes the teacher's logits chunk by chunk too: keep its hidden states + head.
+            with torch.no_grad():
+                hidden, weight, bias = self.task.hidden_states(self.teacher, inputs)
+            return inputs, TeacherHead.cut(hidden, weight, bias, self.plan.vocab_size)
         if self.teacher is not None:
             with torch.inference_mode():
                 logits = self.task.logits(self.teacher, inputs)[..., :self.plan.vocab_size]  # ids >= W: padding
@@ -388,9 +394,16 @@ class Trainer:
             vocab = unwrap(self.model).config.vocab_size
             self.fused = (self.task.hidden_states.__func__ is not Task.hidden_states
                           and use_fused(t.fused_loss, labels.numel(), vocab, t.loss_chunk_tokens))
-            log0(f"[{self.plan.label}] loss: {'fused LM head + loss, chunks of ' if self.fused else 'full logits'}"
-                 f"{chunk_tokens_for(vocab, t.loss_chunk_tokens) if self.fused else ''}"
-                 f"{' tokens' if self.fused else ''}")
+            # Online: the teacher's head joins the chunks unless it transforms its logits (then its
+            # full logits are the targets, as without the fused loss).
+            problem = fused_head_problem(self.teacher) if self.fused and self.teacher is not None else None
+            self.teacher_head = self.fused and self.teacher is not None and problem is None
+            how = f"fused LM head + loss, chunks of {chunk_tokens_for(vocab, t.loss_chunk_tokens)} tokens"
+            if self.teacher_head:
+                how += "; the online teacher's head in the same chunks"
+            elif self.fused and problem:
+                how += f"; the online teacher's full logits ({type(unwrap(self.teacher)).__name__} {problem})"
+            log0(f"[{self.plan.label}] loss: {how if self.fused else 'full logits'}")
         return self.fused
 
     def optimizer_step(self) -> None:
