@@ -15,11 +15,16 @@ Variants: `full` = today's path (`model(...).logits[:, :-1]` -> `losses.distill_
 `chunked_loss.model_hidden` + `fused_distill_loss` (gradients computed in the forward chunk loop);
 `recompute` = the alternative design, each chunk under `torch.utils.checkpoint` (recomputed in
 backward). Teacher: a forward + `targets.encode` vs `model_hidden` + `encode_chunked`. Growth
-(9d, 9e): the same variant at V = 32,000 (A) and 262,144 (B). The A and B children run interleaved
-(A B A B ...), and ratios are medians over the repeats.
+(9d, 9e): the same variant at V = 32,000 (A) and 262,144 (B). Online (9f, `train.online`): a
+second tiny Llama as the teacher, its forward inside every step as `Trainer.targets_for` runs it —
+`full` = its logits[..., :W] -> `from_logits` dense targets -> `distill_loss` on the student's full
+logits; `fused` = `model_hidden` -> `TeacherHead` -> `fused_distill_loss` (both models' logits per
+chunk). The A and B children run interleaved (A B A B ...), and ratios are medians over the repeats.
+`python bench/vocab_rows.py --row 9f` runs 9f alone and prints its figures as JSON.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +36,7 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 V128 = 128_256
+ONLINE_TEACHER_HIDDEN = 64  # row 9f: a teacher wider than the student (hidden 32), still tiny
 
 
 # ------------------------------------------------------------------------------------ child side
@@ -98,6 +104,34 @@ def _train_step_fn(spec, model, input_ids, targets):
     return {"full": full, "fused": fused, "recompute": recompute}[spec["variant"]]
 
 
+def _online_step_fn(spec, model, teacher, input_ids):
+    """Row 9f: one `train.online` step's loss, as Trainer.targets_for + loss_step compute it."""
+    import torch
+
+    from raydistill import chunked_loss as cl
+    from raydistill.losses import distill_loss
+    from raydistill.targets import from_logits
+    from raydistill.train import _clone_targets
+
+    labels, width = input_ids[:, 1:], spec["vocab"]
+    kw = dict(alpha=0.5, temperature=1.0, loss="forward_kl")
+
+    def full():
+        with torch.inference_mode():
+            targets = from_logits(teacher(input_ids=input_ids).logits[:, :-1, :width].float(), labels)
+        return distill_loss(model(input_ids=input_ids).logits[:, :-1], _clone_targets(targets), labels, **kw)[0]
+
+    def fused():
+        with torch.no_grad():
+            t_hidden, t_w, t_b = cl.model_hidden(teacher, input_ids)
+        head = cl.TeacherHead.cut(t_hidden[:, :-1], t_w, t_b, width)
+        hidden, w, b = cl.model_hidden(model, input_ids)
+        return cl.fused_distill_loss(hidden[:, :-1], w, head, labels, bias=b, chunk_tokens=spec["chunk_tokens"],
+                                     **kw)[0]
+
+    return {"full": full, "fused": fused}[spec["variant"]]
+
+
 def _teacher_pass_fn(spec, model, input_ids):
     import torch
 
@@ -129,10 +163,13 @@ def child(spec: dict) -> dict:
     bsz, seq = spec["batch"], spec["seq_len"]
     model = _llama(spec["vocab"], spec["hidden"], seed=0)
     input_ids = torch.randint(0, spec["vocab"], (bsz, seq), generator=torch.Generator().manual_seed(1))
-    if spec["kind"] == "train":
-        targets = _topk_targets(bsz, seq - 1, spec["vocab"], 32, seed=2)
+    if spec["kind"] in ("train", "online"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        loss_fn = _train_step_fn(spec, model, input_ids, targets)
+        if spec["kind"] == "train":
+            loss_fn = _train_step_fn(spec, model, input_ids, _topk_targets(bsz, seq - 1, spec["vocab"], 32, seed=2))
+        else:  # the teacher's weights are part of the baseline, like the student's state
+            teacher = _llama(spec["vocab"], spec["teacher_hidden"], seed=3).eval()
+            loss_fn = _online_step_fn(spec, model, teacher, input_ids)
 
         def step():
             loss = loss_fn()
@@ -190,15 +227,18 @@ def compare_specs(spec_a: dict, spec_b: dict, repeats: int) -> dict:
             "a_step_s": med("a", "step_s"), "b_step_s": med("b", "step_s"), "runs": runs}
 
 
+ROW9_SPEC = dict(hidden=32, batch=2, seq_len=257, chunk_tokens=None)  # 512 loss tokens
+
+
 def run_row_9(sizes, work: str, details: dict) -> list:
-    """Rows 9a-9e (see the module docstring); figures kept in details["row9"]."""
+    """Rows 9a-9f (see the module docstring); figures kept in details["row9"] (9f: details["row9f"])."""
     from common import Row, judge, log
 
     from raydistill.chunked_loss import chunk_tokens_for
 
     quick = sizes.name == "quick"
     repeats, steps = (2, 1) if quick else (3, 3)
-    base = dict(hidden=32, batch=2, seq_len=257, steps=steps, chunk_tokens=None)  # 512 loss tokens
+    base = dict(ROW9_SPEC, steps=steps)
     log(f"row 9: train step at V={V128:,}, full vs fused, {repeats} interleaved repeats")
     train = compare(dict(base, kind="train", vocab=V128), "full", "fused", repeats)
     log("row 9: teacher pass (sampled N=50), full logits vs encode_chunked")
@@ -235,7 +275,27 @@ def run_row_9(sizes, work: str, details: dict) -> list:
             "MiB/token"),
         growth_row("9d", "fused train step extra peak, V=262,144 vs 32,000", growth),
         growth_row("9e", "chunked teacher pass extra peak, V=262,144 vs 32,000", t_growth),
+        run_row_9f(base, repeats, details),
     ]
+
+
+def run_row_9f(base: dict, repeats: int, details: dict):
+    """Row 9f: one train.online step (teacher forward inside), fused vs full logits; details["row9f"]."""
+    from common import Row, judge, log
+
+    from raydistill.chunked_loss import chunk_tokens_for
+
+    log(f"row 9f: online train step at V={V128:,}, full vs fused (teacher head per chunk), {repeats} interleaved "
+        "repeats")
+    online = compare(dict(base, kind="online", vocab=V128, teacher_hidden=ONLINE_TEACHER_HIDDEN), "full", "fused",
+                     repeats)
+    details["row9f"] = dict(online, spec=dict(base, teacher_hidden=ONLINE_TEACHER_HIDDEN))
+    tokens = base["batch"] * (base["seq_len"] - 1)
+    return Row("9f", f"online train step extra peak, fused vs full logits (V={V128:,}, {tokens} tokens, tiny "
+               "Llama teacher + student)", online["a_extra_mib"], online["b_extra_mib"], "MiB", online["mem_ratio"],
+               "<= 0.3", judge(online["mem_ratio"], "<=", 0.3),
+               f"chunk {chunk_tokens_for(V128)} tokens (auto); speed ratio {online['speed_ratio']:.2f}; full path "
+               f"{online['a_extra_mib'] / tokens:.2f} MiB/token")
 
 
 # ------------------------------------------------------------------------------ what fits where
@@ -288,6 +348,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help="internal: run one measurement from a JSON spec")
     ap.add_argument("--sweep", action="store_true", help="fused step time and extra peak over chunk sizes")
+    ap.add_argument("--row", choices=["9f"], help="run one row alone and print its figures as JSON")
+    ap.add_argument("--repeats", type=int, default=3, help="with --row: interleaved A B pairs (default 3)")
+    ap.add_argument("--steps", type=int, default=1, help="with --row: timed steps per child (default 1)")
     ap.add_argument("--fit-table", metavar="RESULTS_JSON", help="print the README's what-fits table from a "
                     "bench JSON holding row 9")
     args = ap.parse_args(argv)
@@ -298,6 +361,12 @@ def main(argv=None) -> int:
     if args.child:
         sys.path[:0] = [ROOT]
         print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.row == "9f":
+        sys.path[:0] = [BENCH, ROOT]
+        details: dict = {}
+        row = run_row_9f(dict(ROW9_SPEC, steps=args.steps), args.repeats, details)
+        print(json.dumps({"row": dataclasses.asdict(row), "details": details["row9f"]}, default=str))
         return 0
     if args.sweep:
         base = dict(kind="train", vocab=V128, hidden=32, batch=4, seq_len=257, steps=3)

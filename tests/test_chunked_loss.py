@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from raydistill import targets as tg
-from raydistill.chunked_loss import (CHUNK_LOGITS, chunk_tokens_for, encode_chunked, fused_distill_loss,
-                                     model_hidden, use_fused)
+from raydistill.chunked_loss import (CHUNK_LOGITS, TeacherHead, chunk_tokens_for, encode_chunked,
+                                     fused_distill_loss, model_hidden, use_fused)
 from raydistill.losses import LOSSES, distill_loss
 
 B, L, H, V = 3, 9, 16, 97
@@ -368,3 +368,144 @@ def test_eval_metrics_chunked_equal_dense(tiny_dir, llama_pair):
     assert out["student"]["ce"] == pytest.approx(F.nll_loss(s_lp, labels).item(), rel=1e-5)
     kl = F.kl_div(s_lp, t_lp, log_target=True, reduction="batchmean").item()
     assert out["student"]["kl_teacher_student"] == pytest.approx(kl, rel=1e-5)
+
+
+# ------------------------------------------------------------------ online: the teacher's head per chunk
+# Today's online loss: the teacher's full logits cut to W, `from_logits` dense targets, `distill_loss`
+# on the student's full logits. `TeacherHead` makes both models' logits chunk by chunk; float32, the
+# same tolerances as above (rtol 1e-5 / atol 1e-6; per-parameter gradients of a Llama rtol 1e-4).
+
+HT = 24  # the teacher's hidden size differs from the student's
+
+
+def _online_both(loss, temperature, mask, *, alpha=0.6, width=V, teacher_rows=V + 6, chunk=CHUNK):
+    g = torch.Generator().manual_seed(11)
+    t_hidden = torch.randn(B, T, HT, generator=g)
+    t_weight = torch.randn(teacher_rows, HT, generator=g) * 0.5  # rows >= width: head padding
+    t_bias = torch.randn(teacher_rows, generator=g) * 0.1
+    input_ids = torch.randint(0, width, (B, L), generator=g)
+    labels = _labels(input_ids, mask)
+    kw = dict(alpha=alpha, temperature=temperature, loss=loss, jsd_beta=0.3)
+    h, w, b = _student()
+    head = TeacherHead.cut(t_hidden, t_weight, t_bias, width)
+    got, got_parts = fused_distill_loss(h, w, head, labels, bias=b, chunk_tokens=chunk, **kw)
+    g_got = _grads(got, (h, w, b))
+    hr, wr, br = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+    targets = tg.from_logits(F.linear(t_hidden, t_weight, t_bias)[..., :width].float(), labels)
+    ref, ref_parts = distill_loss(F.linear(hr, wr, br), targets, labels, **kw)
+    g_ref = _grads(ref, (hr, wr, br))
+    return (got, got_parts, g_got), (ref, ref_parts, g_ref)
+
+
+def _assert_same(got_all, ref_all):
+    (got, got_parts, g_got), (ref, ref_parts, g_ref) = got_all, ref_all
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert got_parts == pytest.approx(ref_parts, rel=1e-5, abs=1e-6)
+    for name, a, r in zip(("hidden", "weight", "bias"), g_got, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mask", ["none", "partial"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_online_teacher_head_equals_full_logits(loss, temperature, mask):
+    got, ref = _online_both(loss, temperature, mask)
+    assert float(ref[0].detach()) > 0.01 and ref[1]["kd"] > 0.01 and ref[1]["ce"] > 0.01
+    _assert_same(got, ref)
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "jsd", "tvd"])
+def test_online_teacher_head_narrower_than_the_student(loss):
+    # W < V: the teacher's p is 0 on the student's extra rows, as for padded dense targets.
+    _assert_same(*_online_both(loss, 2.0, "partial", width=V - 7))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_online_teacher_head_alpha_limits_and_all_masked(alpha):
+    got, ref = _online_both("jsd", 2.0, "partial", alpha=alpha, chunk=1)
+    _assert_same(got, ref)
+    assert (got[1]["kd"] == 0.0) == (alpha == 0.0) and (got[1]["ce"] == 0.0) == (alpha == 1.0)
+    (zero, parts, grads), _ = _online_both("forward_kl", 1.0, "all", alpha=alpha)
+    assert float(zero.detach()) == 0.0 and parts == {"kd": 0.0, "ce": 0.0} and not any(g.any() for g in grads)
+
+
+def test_online_teacher_head_bad_input():
+    h, w, b = _student()
+    labels = torch.zeros(B, T, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"head has 90 rows, fewer than the run's width W=97"):
+        TeacherHead.cut(torch.zeros(B, T, HT), torch.zeros(90, HT), None, V)
+    wide = TeacherHead.cut(torch.zeros(B, T, HT), torch.zeros(V + 3, HT), None, None)
+    with pytest.raises(ValueError, match="dense targets have 100 classes, the student 97"):
+        fused_distill_loss(h, w, wide, labels, alpha=0.5)
+    with pytest.raises(ValueError, match=r"targets cover \(3, 7\) positions"):
+        fused_distill_loss(h, w, TeacherHead.cut(torch.zeros(B, T - 1, HT), torch.zeros(V, HT), None, V),
+                           labels, alpha=0.5)
+    with pytest.raises(ValueError, match="train.loss=reverse_kl: dense teacher targets cover 90"):
+        fused_distill_loss(h, w, TeacherHead.cut(torch.zeros(B, T, HT), torch.zeros(V, HT), None, 90),
+                           labels, alpha=0.5, loss="reverse_kl")
+
+
+@pytest.mark.parametrize("loss,temperature", [("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 2.0),
+                                              ("tvd", 1.0)])
+def test_llama_128k_online_step(llama_pair, loss, temperature):
+    """A V = 128,256 teacher and student: the teacher's hidden states + head per chunk give today's
+    online loss (its full logits -> from_logits) and the student's parameter gradients."""
+    teacher, student, ids = llama_pair
+    labels = ids[:, 1:].clone()
+    labels[0, :4] = -100
+    kw = dict(alpha=0.5, temperature=temperature, loss=loss)
+    params = list(student.parameters())
+    with torch.inference_mode():
+        targets = tg.from_logits(teacher(input_ids=ids).logits[:, :-1].float(), labels)
+    student.zero_grad()
+    ref, ref_parts = distill_loss(student(input_ids=ids).logits[:, :-1], targets, labels, **kw)
+    ref.backward()
+    g_ref = [p.grad.clone() for p in params]
+
+    student.zero_grad()
+    with torch.no_grad():
+        t_hidden, t_weight, t_bias = model_hidden(teacher, ids)
+    head = TeacherHead.cut(t_hidden[:, :-1], t_weight, t_bias, LLAMA_V)
+    hidden, weight, bias = model_hidden(student, ids)
+    got, parts = fused_distill_loss(hidden[:, :-1], weight, head, labels, bias=bias, chunk_tokens=5, **kw)
+    got.backward()
+    assert float(ref.detach()) > 0.01
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert parts == pytest.approx(ref_parts, rel=1e-5, abs=1e-6)
+    for (name, p), g in zip(student.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=name)
+    assert student.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "tvd"])
+def test_trainer_online_step_fused_equals_full_logits(llama_pair, loss):
+    """train.py's own online step (Trainer.targets_for + loss_step, no Ray): fused_loss=true (the
+    teacher's head in the chunks) against fused_loss=false (today's full-logit path), same batch."""
+    import copy
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from raydistill.tasks.causal_lm import CausalLM
+    from raydistill.train import Trainer
+
+    teacher, student, ids = llama_pair
+    batch = pa.table({"input_ids": pa.array(ids.tolist(), type=pa.list_(pa.int64()))})
+    out = {}
+    for fused in (False, True):
+        tr = Trainer.__new__(Trainer)  # only the attributes these stages read
+        tr.cfg = SimpleNamespace(train=SimpleNamespace(loss=loss, jsd_beta=0.5, grad_accum=1, fused_loss=fused,
+                                                       loss_chunk_tokens=4))
+        tr.plan = SimpleNamespace(alpha=0.5, vocab_size=LLAMA_V, label="test", reads="inputs")
+        tr.task, tr.teacher, tr.device, tr.amp, tr.fused = CausalLM(None), teacher, torch.device("cpu"), False, None
+        tr.model = copy.deepcopy(student)
+        inputs, targets = tr.targets_for(batch)
+        assert isinstance(targets, TeacherHead) == fused
+        loss_value, parts = tr.loss_step(inputs, targets, 2.0, sync=True)
+        out[fused] = loss_value.detach(), parts, {n: p.grad for n, p in tr.model.named_parameters()}
+    (got, parts, grads), (ref, ref_parts, ref_grads) = out[True], out[False]
+    assert float(ref) > 0.01
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert parts == pytest.approx(ref_parts, rel=1e-5, abs=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
