@@ -63,13 +63,21 @@ def apply_template(tokenizer, prompt: list[int], template: str | None) -> list[i
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _head_rows(model) -> int:
+    """Rows of the model's output layer (what its logits span; config.vocab_size if it has no such layer)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
 def generate_batch(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
-                   device: str = "cpu") -> list[list[int]]:
+                   device: str = "cpu", vocab_size: int | None = None) -> list[list[int]]:
     """Responses of `model.generate` for a batch of prompts, LEFT-padded (every prompt ends at the last
     column, so the first new token of each row follows its own last token). Returns
     len(prompts) * num_return_sequences token lists (prompt i's at i*n .. i*n+n-1), each cut after
-    its first EOS (kept: the student learns to stop)."""
+    its first EOS (kept: the student learns to stop). `vocab_size` (the run's W): ids >= W — padding
+    rows of a head wider than W, which the student's head may not have — are suppressed (HF applies
+    that before temperature and top_p, so sampling is over softmax(logits[..., :W]))."""
     import torch
     from transformers import GenerationConfig
 
@@ -80,11 +88,13 @@ def generate_batch(model, prompts: list[list[int]], *, pad_id: int, eos_id: int 
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     sample = temperature > 0
+    head = _head_rows(model)
+    padding = list(range(vocab_size, head)) if vocab_size is not None and vocab_size < head else None
     gen = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=sample,
                            temperature=float(temperature) if sample else None,
                            top_p=float(top_p) if sample else None, top_k=None if sample else None,
                            num_return_sequences=int(num_return_sequences), pad_token_id=pad_id,
-                           eos_token_id=eos_id, use_cache=True)
+                           eos_token_id=eos_id, suppress_tokens=padding, use_cache=True)
     with torch.inference_mode():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
     responses = []
@@ -187,7 +197,7 @@ class GenerateReplica(TeacherReplica):
             responses += generate_batch(self.model, chunk, pad_id=self.pad_id, eos_id=self.eos_id,
                                         max_new_tokens=min(g.max_new_tokens, room), temperature=g.temperature,
                                         top_p=g.top_p, num_return_sequences=g.num_return_sequences,
-                                        device=self.device)
+                                        device=self.device, vocab_size=self.vocab_size)
         rows = generated_rows(prompts, responses, table["seq_id"].to_numpy(), seq_len=seq_len,
                               pad_id=self.pad_id, num_return_sequences=g.num_return_sequences)
         output = generated_path(shard_id, generation)

@@ -5,22 +5,26 @@ instead: left-padded batches of variable-length prompts, greedy or nucleus sampl
 from __future__ import annotations
 
 
-def sample(model, prompts, n_new: int, generator, *, temperature: float = 1.0, top_p: float = 1.0):
+def sample(model, prompts, n_new: int, generator, *, temperature: float = 1.0, top_p: float = 1.0,
+           vocab_size: int | None = None):
     """prompts [B, P] (int64, on the model's device) → [B, P + n_new], drawing each new token from
     the model's distribution at `temperature` (nucleus `top_p` < 1 keeps the smallest set of ids
-    whose mass reaches top_p). One forward over the prompts, then one per token on the cache."""
+    whose mass reaches top_p). One forward over the prompts, then one per token on the cache.
+    `vocab_size` (the run's W, models.ModelInfo): draw from logits[..., :W] only — the rows of a
+    wider head are padding that no teacher (or tokenizer) can take as input; None: the whole head."""
     import torch
 
+    cut = slice(None, vocab_size)
     with torch.inference_mode():
         out = model(input_ids=prompts, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1].float()
+        past, logits = out.past_key_values, out.logits[:, -1, cut].float()
         toks = [prompts]
         for i in range(n_new):
             nxt = torch.multinomial(_probs(logits, temperature, top_p), 1, generator=generator)
             toks.append(nxt)
             if i + 1 < n_new:
                 out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1].float()
+                past, logits = out.past_key_values, out.logits[:, -1, cut].float()
         return torch.cat(toks, dim=1)
 
 

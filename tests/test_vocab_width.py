@@ -217,6 +217,99 @@ def test_evaluate_with_heads_of_three_widths(heads):
         assert abs(got["teacher"]["ce"] - t_ce) < 1e-5
 
 
+# ---------------------------------------------------------------- generation never emits ids >= W
+
+@pytest.fixture(scope="module")
+def padded_teacher(heads, tmp_path_factory):
+    """The T + 64 teacher with its padding rows made to win every argmax: an untied head whose rows
+    >= T read hidden[..., 0], which ln_f pins to 50 at every position (ids < T do not read it)."""
+    from raydistill.models import load_tokenizer
+
+    t, path = heads["T"], str(tmp_path_factory.mktemp("padded") / "teacher")
+    model = _model(heads["teacher_wide"])
+    with torch.no_grad():
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.clone())
+        model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 50.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[t:, 0] = 1.0
+    model.save_pretrained(path)
+    load_tokenizer(heads["teacher_wide"]).save_pretrained(path)
+    return path
+
+
+def _greedy_reference(model, prompts: torch.Tensor, n_new: int, width: int, eos: int) -> list[list[int]]:
+    """Greedy decoding over logits[..., :width], a full forward per token (no cache), cut after EOS."""
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(n_new):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1, :width].argmax(-1, keepdim=True)], 1)
+    rows = ids[:, prompts.shape[1]:].tolist()
+    return [r[: r.index(eos) + 1] if eos in r else r for r in rows]
+
+
+def test_generation_never_emits_padding_rows(heads, padded_teacher):
+    """A teacher whose padding rows (ids >= W = T) win every argmax: the teacher generation pass's
+    generate_batch and on-policy sampling (generation.sample) given W emit ids < W only — greedy equal
+    to a reference argmax over logits[..., :W], sampled (top_p after the cut) and sampled from the
+    cut distribution — while uncut they emit padding rows."""
+    from raydistill.generate_pass import generate_batch
+    from raydistill.generation import sample
+    from raydistill.models import load_tokenizer
+
+    t, new = heads["T"], 8
+    model, eos = _model(padded_teacher), load_tokenizer(padded_teacher).eos_token_id
+    ids = _ids(t, (4, 6), seed=3)
+    with torch.no_grad():
+        assert bool((model(input_ids=ids).logits.argmax(-1) >= t).all())  # padding wins everywhere uncut
+    prompts, kw = ids.tolist(), dict(pad_id=eos, eos_id=eos, max_new_tokens=new)
+    uncut = generate_batch(model, prompts, **kw)
+    assert all(min(r) >= t for r in uncut), uncut
+    greedy = generate_batch(model, prompts, **kw, vocab_size=t)
+    assert greedy == _greedy_reference(model, ids, new, t, eos)
+    assert max(map(max, greedy)) < t and sum(map(len, greedy)) == 4 * new  # no EOS cut these short
+    drawn = generate_batch(model, prompts, **kw, vocab_size=t, temperature=1.0, top_p=0.9, num_return_sequences=2)
+    assert len(drawn) == 8 and max(map(max, drawn)) < t and len({tuple(r) for r in drawn}) == 8
+
+    got = sample(model, ids, new, torch.Generator().manual_seed(0), vocab_size=t)
+    ref, gen = ids, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(new):
+            p = torch.softmax(model(input_ids=ref).logits[:, -1, :t].float(), -1)
+            ref = torch.cat([ref, torch.multinomial(p, 1, generator=gen)], 1)
+    assert torch.equal(got, ref) and int(got[:, 6:].max()) < t
+    assert int((sample(model, ids, new, torch.Generator().manual_seed(0))[:, 6:] >= t).sum()) == 4 * new
+
+
+def test_generate_replica_cuts_at_the_run_width(heads, padded_teacher, tiny_corpus, tmp_path):
+    """GenerateReplica (the teacher generation pass's per-shard method, in-process: no Ray) generates
+    with the run's W: a shard of 4 prompts gets the greedy reference responses, ids < W."""
+    from raydistill.generate_pass import GenerateReplica, generated_rows, rows_table
+    from raydistill.models import load_tokenizer
+    from raydistill.store import SoftTargetStore
+    from raydistill.tasks import get_task
+
+    t = heads["T"]
+    cfg = _cfg(heads, tiny_corpus, tmp_path / "out", f"teacher.model={padded_teacher}",
+               "data.format=prompt_response", "data.prompt_column=question", "data.response_column=response",
+               "generate.enabled=true", "generate.temperature=0", "generate.max_new_tokens=6", "teacher.batch_size=4")
+    eos = load_tokenizer(padded_teacher).eos_token_id
+    ids = _ids(t, (4, 6), seed=4)
+    store = SoftTargetStore.open(str(tmp_path / "targets"), tokenizer={"vocab_size": t, "hash": "h"},
+                                 targets={"format": "topk"})
+    # A prompts file in the instruction-row contract: the prompt, then one response token (loss_mask 1).
+    rows = generated_rows(ids.tolist(), [[eos]] * 4, np.arange(4), seq_len=16, pad_id=eos, num_return_sequences=1)
+    written = store.write_file("inputs/train/s0.parquet", rows_table(rows, t, get_task(cfg).input_schema(t)))
+    store.record_inputs({"s0": {"input": "inputs/train/s0.parquet", **{k: written[k] for k in
+                                                                        ("rows", "checksum", "bytes")}}}, None, {})
+    replica = GenerateReplica(config=cfg.to_dict(), vocab_size=t, store_uri=store.uri)
+    out = replica.generate_shard("s0", "inputs/train/s0.parquet", 1, seed=0)
+    table = store.read_input_file(out["input"])
+    got = [row[6:n] for row, n in zip(table["input_ids"].to_pylist(), table["length"].to_pylist())]
+    assert got == _greedy_reference(_model(padded_teacher), ids, 6, t, eos)
+    assert out["tokens"] == 24 and max(map(max, got)) < t
+
+
 # ---------------------------------------------------------------- a real run (Ray)
 
 @pytest.mark.slow
