@@ -6,9 +6,11 @@ T, T + 32 and T + 64 rows (`resize_token_embeddings`: the extra rows are random 
 a teacher that is *not* cut to W puts about a sixth of its mass there and every check below would
 see it). Preflight accepts them (W = the narrowest head) and refuses a head narrower than the
 tokenizer; the losses, the fused loss and evaluation with a student wider than W equal dense
-references written here with the teacher's distribution softmax(logits[..., :W]); one short
-`pipeline.run` (a teacher wider than the student, Ray) stores only ids < W, and its first train
-step, its eval figures and an online step (train.online) equal the same references.
+references written here with the teacher's distribution softmax(logits[..., :W]); generation (the
+teacher pass's generate_batch and replica, on-policy sampling) emits ids < W only, even from a teacher
+whose padding rows win every argmax; one short `pipeline.run` (a teacher wider than the student, Ray)
+stores only ids < W, and its first train step, its eval figures and an online step (train.online)
+equal the same references.
 """
 from __future__ import annotations
 
