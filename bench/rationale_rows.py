@@ -1,6 +1,6 @@
 """Rationale vs answer-only training: held-out answer accuracy of the same student (issue 14).
 
-    .venv/bin/python bench/rationale_rows.py [--teacher-steps 1500] [--teacher-width 64] [--student-steps 600] [--rows 1200]
+    .venv/bin/python bench/rationale_rows.py [--teacher-steps 1500] [--teacher-width 64] [--student-steps 600] [--student-width 32] [--rows 1200]
 
 The task is 2-digit addition (tests/arith_data.py). A small GPT-2 teacher (byte-level tokenizer, one
 token per character) is trained here to write its working before the answer; it is cached under
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=1500)
     p.add_argument("--teacher-width", type=int, default=64)
     p.add_argument("--student-steps", type=int, default=600)
+    p.add_argument("--student-width", type=int, default=32, help="n_embd of the 2-layer student (the test uses 64)")
     p.add_argument("--rows", type=int, default=1200)
     p.add_argument("--eval-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
@@ -69,7 +70,7 @@ def main() -> None:
         start = time.perf_counter()
         cfg = arith_data.run_config(name, teacher, corpus, os.path.join(root, name), rationale=rationale,
                                     student_steps=args.student_steps, eval_fraction=args.eval_fraction,
-                                    seed=args.seed)
+                                    seed=args.seed, student_width=args.student_width)
         report = run(cfg)
         ev = report["eval"]
         results[name] = {k: ev[k].get("answer_accuracy") for k in ("teacher", "student", "hard_label_student")
