@@ -88,8 +88,8 @@ def generate_batch(model, prompts: list[list[int]], *, pad_id: int, eos_id: int 
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     sample = temperature > 0
-    head = _head_rows(model)
-    padding = list(range(vocab_size, head)) if vocab_size is not None and vocab_size < head else None
+    head = _head_rows(model) if vocab_size is not None else None  # None: any generate()-like model
+    padding = list(range(vocab_size, head)) if head is not None and vocab_size < head else None
     gen = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=sample,
                            temperature=float(temperature) if sample else None,
                            top_p=float(top_p) if sample else None, top_k=None if sample else None,
