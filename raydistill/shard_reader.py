@@ -1,9 +1,10 @@
 """The trainer's view of the store: each rank's Ray Data dataset of its slices of the shards' current
 rows, re-executed at every epoch start so that refreshed versions are picked up.
 
-The ranks split the rows, not a stream: `rank_slices` gives every rank a contiguous run of the
-manifest's rows (whole shards, and a row range of at most two boundary shards), so every rank has
-at least rows // world rows and their order is the same in every run. Each rank reads its own
+The ranks split the rows, not a stream: each epoch the shards are put in a seeded order
+(`epoch_slices`), and `rank_slices` gives every rank a contiguous run of those rows (whole shards,
+and a row range of at most two boundary shards), so every rank has at least rows // world rows and
+their order is the same in every run of the same seed. Each rank reads its own
 dataset inside its worker — no dataset manager or split coordinator actor to start per fit.
 
 Kept free of torch: Ray imports this module in every reader task's worker process, and a torch
@@ -32,6 +33,16 @@ def rank_slices(shard_rows: list[tuple[str, int]], world: int) -> list[list[dict
                 slices[r].append({"shard_id": sid, "start": lo - offset, "stop": hi - offset})
         offset += n
     return slices
+
+
+def epoch_slices(shard_rows: list[tuple[str, int]], world: int, seed: int, epoch: int) -> list[list[dict]]:
+    """`rank_slices` of one epoch: the shards in an order drawn from (seed, epoch), so a corpus stored
+    in source order (one domain, then the next) is not trained on in blocks, and a resumed epoch
+    reads the same rows in the same order."""
+    import numpy as np
+
+    order = np.random.default_rng([seed, epoch]).permutation(len(shard_rows))
+    return rank_slices([shard_rows[i] for i in order], world)
 
 
 def load_shards(batch: pa.Table, *, store_uri: str, what: str, schema: pa.Schema) -> pa.Table:

@@ -1,11 +1,12 @@
 """Student training: Ray Train DDP over the soft-target store (or a live teacher, `train.online`).
 
-Each rank reads its own slice of the store's rows (`shard_reader.rank_slices`: a contiguous run of
-the manifest's rows, the same in every run) through a Ray Data dataset of shard ids whose map step
-reads the manifest and loads that shard's *current* version, re-executed at each epoch, so
-refreshed shards are picked up and a superseded version is never counted twice. Every rank has at
-least rows // world rows, so all run the same number of steps; a shard skipped on one rank (a
-corrupt file) ends that epoch on every rank together (`every_rank_has`), never a hang.
+Each rank reads its own slice of the store's rows: every epoch the shards are put in an order
+drawn from (run.seed, epoch) and split into contiguous runs of rows, one per rank
+(`shard_reader.epoch_slices`), read through a Ray Data dataset of shard ids whose map step reads
+the manifest and loads that shard's *current* version, so refreshed shards are picked up and a
+superseded version is never counted twice. Every rank has at least rows // world rows, so all run
+the same number of steps; a shard skipped on one rank (a corrupt file) ends that epoch on every
+rank together (`every_rank_has`), never a hang.
 
 The driver (`fit_student`) turns the config into a `TrainPlan`; every worker runs a `Trainer`
 over it, stage by stage: set-up (`Trainer.__init__`), targets for a batch (`targets_for`), the
@@ -48,7 +49,7 @@ from .log import log0
 from .chunked_loss import TeacherHead, chunk_tokens_for, fused_distill_loss, fused_head_problem, use_fused
 from .losses import ce_loss, distill_loss, temperature_at
 from .tasks.base import Task
-from .shard_reader import rank_slices, store_dataset
+from .shard_reader import epoch_slices, store_dataset
 from .sharding import (full_state, gradient_sync, load_full_state, local_share, optimizer_format,
                        prepare_student, save_pretrained)
 from .store import parent_id
@@ -73,8 +74,8 @@ class TrainPlan:
     fault: dict | None = None        # faults.train_fault() (tests)
     audit_dir: str | None = None     # RAYDISTILL_AUDIT_DIR: seq_ids per rank and epoch (tests)
     vocab_size: int | None = None    # W (models.ModelInfo): the online teacher's logits are cut to it
-    store_uri: str = ""              # where the rows are read from, and which: rank → shard slices
-    slices: tuple = ()               # shard_reader.rank_slices
+    store_uri: str = ""              # where the rows are read from, and which shards: (id, rows) each
+    shard_rows: tuple = ()           # (shard_reader.epoch_slices splits them over the ranks per epoch)
     schema: pa.Schema | None = None  # the columns read (dataset_schema)
     readers: int = 1                 # reader tasks per rank
 
@@ -285,7 +286,7 @@ class Trainer:
         skip = (self.step % p.steps_per_epoch) * t.grad_accum  # after a resume: batches of this epoch done
         while self.step < p.total_steps:
             micro, ran = 0, False
-            batches = self.epoch_batches()
+            batches = self.epoch_batches(epoch)
             try:
                 for i in range(batches_per_epoch):
                     # The batches after the epoch's last whole step are not read (with grad_accum > 1
@@ -320,10 +321,11 @@ class Trainer:
                                    f"fewer rows than train.workers × train.batch_size")
             epoch, skip = epoch + 1, 0  # a short epoch (a skipped shard) is not re-run from its middle
 
-    def epoch_batches(self):
+    def epoch_batches(self, epoch: int):
         """This rank's batches of one epoch, from the shards' current versions."""
         p = self.plan
-        ds = store_dataset(p.store_uri, list(p.slices[self.rank]), p.schema, p.reads, readers=p.readers)
+        mine = epoch_slices(list(p.shard_rows), self.world, self.cfg.run.seed, epoch)[self.rank]
+        ds = store_dataset(p.store_uri, mine, p.schema, p.reads, readers=p.readers)
         for batch in ds.iter_batches(batch_size=self.cfg.train.batch_size, batch_format="pyarrow", drop_last=True):
             yield batch
 
@@ -493,7 +495,7 @@ def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: f
     plan = TrainPlan(config=cfg.to_dict(), alpha=alpha, label=label, reads=reads, total_steps=total,
                      steps_per_epoch=steps_per_epoch, refresh=refresh, fault=faults.train_fault(),
                      audit_dir=os.environ.get("RAYDISTILL_AUDIT_DIR"), vocab_size=vocab_size,
-                     store_uri=store.uri, slices=tuple(rank_slices(shard_rows, max(1, t.workers))),
+                     store_uri=store.uri, shard_rows=tuple(shard_rows),
                      schema=dataset_schema(reads, cfg.targets.format, vocab_size, get_task(cfg)),
                      readers=max(1, 2 // max(1, t.workers)))  # 2 reader tasks in all for 1-2 workers
     resources = {"CPU": t.cpus_per_worker, **t.resources}

@@ -95,3 +95,15 @@ def test_rank_slices_split_the_rows_evenly_in_order(rows, world):
         assert all(0 <= p["start"] < p["stop"] <= dict(shards)[p["shard_id"]] for p in parts)
         seen += mine
     assert seen == [(sid, row) for sid, n in shards for row in range(n)]  # in order, none twice, none left out
+
+
+def test_epoch_slices_are_a_seeded_shuffle_of_whole_shards():
+    """Each epoch its own shard order, the same for the same (seed, epoch); every row once."""
+    from raydistill.shard_reader import epoch_slices
+
+    shards = [(f"s{i:02d}", 24) for i in range(12)]
+    order = lambda e, seed=0: [p["shard_id"] for parts in epoch_slices(shards, 2, seed, e) for p in parts]
+    assert order(0) == order(0) and order(0) != order(1) and order(0) != order(0, seed=1)
+    for e in range(3):
+        assert sorted(order(e)) == [s for s, _ in shards]  # 12 shards of 24 rows over 2 ranks: whole shards
+    assert order(0) != sorted(order(0))

@@ -26,7 +26,7 @@ from raydistill.errors import CorruptShardError
 from raydistill.models import preflight
 from raydistill.pipeline import open_store, score_pending
 from raydistill.store import SoftTargetStore
-from raydistill.shard_reader import load_shards, rank_slices
+from raydistill.shard_reader import epoch_slices, load_shards
 from raydistill.train import dataset_schema, fit_student, read_final_state
 
 from test_teacher_pass import make_cfg
@@ -113,10 +113,10 @@ def test_damaged_shards_never_trained_on_and_rescored(ray_session, tmp_path, tin
         assert reason in found[sid] and f"shard {sid} v1" in found[sid]
 
     # a DDP fit over the damaged store: the loader skips the damaged shards, nothing of them is trained on
-    # Each rank reads its own contiguous slice of the rows (shard_reader.rank_slices): the steps fit
+    # Each rank reads its own slice of epoch 0's rows (shard_reader.epoch_slices): the steps fit
     # inside the intact rows of the rank that lost the most.
     m_inputs = store.manifest()["inputs"]["shards"]
-    slices = rank_slices([(sid, m_inputs[sid]["rows"]) for sid in store.shard_ids()], 2)
+    slices = epoch_slices([(sid, m_inputs[sid]["rows"]) for sid in store.shard_ids()], 2, cfg.run.seed, 0)
     intact = [sum(p["stop"] - p["start"] for p in parts if p["shard_id"] not in victims) for parts in slices]
     steps = min(intact) // 8 - 1
     assert steps >= 4
