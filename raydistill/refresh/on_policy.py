@@ -69,7 +69,7 @@ def _generate_task(cfg_dict: dict, store_uri: str, shard_ids: list[str], policy_
         parts = []
         for lo in range(0, len(ids), cfg.teacher.batch_size):
             x = ids[lo:lo + cfg.teacher.batch_size, :P].to(device)
-            parts.append(sample(model, x, L - P, gen).cpu())
+            parts.append(sample(model, x, L - P, gen, vocab_size=vocab_size).cpu())  # ids < W only
         new = torch.cat(parts).numpy()
         tokens += int((L - P) * len(new))
         rel = f"inputs/policy/{sid}-{int(step)}.parquet"
