@@ -36,18 +36,24 @@ def rank_slices(shard_rows: list[tuple[str, int]], world: int) -> list[list[dict
 
 
 def epoch_slices(shard_rows: list[tuple[str, int]], world: int, seed: int, epoch: int) -> list[list[dict]]:
-    """`rank_slices` of one epoch: the shards in an order drawn from (seed, epoch), so a corpus stored
-    in source order (one domain, then the next) is not trained on in blocks, and a resumed epoch
-    reads the same rows in the same order."""
+    """`rank_slices` of one epoch: the shards in an order drawn from (seed, epoch), and each slice's
+    rows in an order drawn from its own `row_seed`, so a corpus stored in source order (one domain
+    or class, then the next) is not trained on in blocks, and a resumed epoch reads the same rows
+    in the same order."""
     import numpy as np
 
-    order = np.random.default_rng([seed, epoch]).permutation(len(shard_rows))
-    return rank_slices([shard_rows[i] for i in order], world)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(shard_rows))
+    slices = rank_slices([shard_rows[i] for i in order], world)
+    for items in slices:
+        for item in items:
+            item["row_seed"] = int(rng.integers(2**63))
+    return slices
 
 
 def load_shards(batch: pa.Table, *, store_uri: str, what: str, schema: pa.Schema) -> pa.Table:
     """Map step: shard ids (and, where given, a start/stop row range of each) → those rows of the
-    shard's current version (targets) or of its inputs."""
+    shard's current version (targets) or of its inputs, permuted by the item's `row_seed` if any."""
     store = SoftTargetStore(store_uri)
     ranges = batch.to_pylist()
     tables = []
@@ -61,6 +67,10 @@ def load_shards(batch: pa.Table, *, store_uri: str, what: str, schema: pa.Schema
             continue
         if item.get("start") is not None:
             table = table.slice(item["start"], item["stop"] - item["start"])
+        if item.get("row_seed") is not None:
+            import numpy as np
+
+            table = table.take(np.random.default_rng(item["row_seed"]).permutation(table.num_rows))
         tables.append(table.select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
@@ -71,7 +81,7 @@ def store_dataset(store_uri: str, shards: list[str] | list[dict], schema: pa.Sch
     are ids (whole shards) or `rank_slices` items."""
     import ray.data
 
-    items = [s if isinstance(s, dict) else {"shard_id": s, "start": None, "stop": None} for s in shards]
+    items = [s if isinstance(s, dict) else {"shard_id": s, "start": None, "stop": None, "row_seed": None} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds.context.enable_progress_bars = False  # re-read every epoch: rank 0's step log is the progress
     # A bounded number of reader tasks: one per shard at once would start a worker process per

@@ -107,3 +107,6 @@ def test_epoch_slices_are_a_seeded_shuffle_of_whole_shards():
     for e in range(3):
         assert sorted(order(e)) == [s for s, _ in shards]  # 12 shards of 24 rows over 2 ranks: whole shards
     assert order(0) != sorted(order(0))
+    # each slice's rows get their own seed, the same for the same (seed, epoch)
+    row_seeds = lambda e: [p["row_seed"] for parts in epoch_slices(shards, 2, 0, e) for p in parts]
+    assert row_seeds(0) == row_seeds(0) and len(set(row_seeds(0))) == 12 and row_seeds(0) != row_seeds(1)

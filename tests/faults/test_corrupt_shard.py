@@ -73,8 +73,17 @@ def test_loader_skips_damaged_shards(tmp_path):
         w = store.write_shard(sid, 1, table)
         store.commit(sid, 1, {**w, "teacher_rev": "r", "format": "topk", "params": {"k": 3, "capture_temperature": 1.0},
                               "produced_at_step": -1, "policy_version": -1})
-    bad = damage(store, ["b", "c", "d"])
     schema = dataset_schema("targets", "topk", 50)
+    # a slice with a row_seed (shard_reader.epoch_slices): its rows, permuted the same way for the same
+    # seed, each row whole (its ids travel with its seq_id)
+    whole = load_shards(pa.table({"shard_id": ["a"]}), store_uri=store.uri, what="targets", schema=schema)
+    part = lambda seed: load_shards(pa.Table.from_pylist([{"shard_id": "a", "start": 0, "stop": 5, "row_seed": seed}]),
+                                    store_uri=store.uri, what="targets", schema=schema)
+    assert part(7).equals(part(7)) and sorted(part(7)["seq_id"].to_pylist()) == list(range(5))
+    assert [part(s)["seq_id"].to_pylist() for s in range(4)] != [list(range(5))] * 4
+    by_id = dict(zip(whole["seq_id"].to_pylist(), whole["input_ids"].to_pylist()))
+    assert all(by_id[i] == ids for i, ids in zip(part(7)["seq_id"].to_pylist(), part(7)["input_ids"].to_pylist()))
+    bad = damage(store, ["b", "c", "d"])
     out = load_shards(pa.table({"shard_id": ["a", "b", "c", "d"]}), store_uri=store.uri, what="targets",
                        schema=schema)
     assert out.schema == schema and sorted(out["seq_id"].to_pylist()) == list(range(5))
