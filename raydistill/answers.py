@@ -46,15 +46,16 @@ def add_answer_accuracy(cfg, store, students: dict, evaluation: dict, max_rows: 
     if cfg.data.answer_column is None or not isinstance(evaluation.get("teacher"), dict):
         return evaluation
     task = ray.remote(_answer_task).options(**teacher_options(cfg.teacher))
-    inputs = store.manifest()["inputs"]
-    res = ray.get(task.remote(cfg.to_dict(), students, (store.uri, inputs["eval"]), max_rows))
+    manifest = store.manifest()
+    width = manifest["tokenizer"].get("width")  # W: greedy answers never pick an id a head pads
+    res = ray.get(task.remote(cfg.to_dict(), students, (store.uri, manifest["inputs"]["eval"]), max_rows, width))
     out = dict(evaluation, answers=res.pop("counts"))
     for label, acc in res.items():
         out[label] = dict(out.get(label) or {}, answer_accuracy=acc)
     return out
 
 
-def _answer_task(cfg_dict: dict, students: dict, eval_uri: tuple, max_rows: int) -> dict:
+def _answer_task(cfg_dict: dict, students: dict, eval_uri: tuple, max_rows: int, width: int | None = None) -> dict:
     from .config import Config
     from .store import SoftTargetStore
     from .tasks import get_task
@@ -67,13 +68,14 @@ def _answer_task(cfg_dict: dict, students: dict, eval_uri: tuple, max_rows: int)
     out, counts = {}, None
     for label, (path, key) in models.items():
         model = task.load_model(path, dtype="float32", trust_remote_code=t.trust_remote_code, key=key)
-        acc, counts = answer_accuracy(cfg, model, table)
+        acc, counts = answer_accuracy(cfg, model, table, vocab_size=width)
         out[label] = acc
     return dict(out, counts=counts)
 
 
-def answer_accuracy(cfg, model, eval_table) -> tuple[float | None, dict]:
-    """(share of matched held-out prompts `model` answers correctly, {prompts, matched})."""
+def answer_accuracy(cfg, model, eval_table, vocab_size: int | None = None) -> tuple[float | None, dict]:
+    """(share of matched held-out prompts `model` answers correctly, {prompts, matched}); greedy
+    generation over ids < `vocab_size` (the run's W) when given."""
     from .generate_pass import apply_template, generate_batch
     from .instruct import pad_id_of, prompt_ids
     from .models import load_tokenizer
@@ -92,7 +94,7 @@ def answer_accuracy(cfg, model, eval_table) -> tuple[float | None, dict]:
         chunk = asked[lo:lo + bs]
         room = max(1, min(cfg.generate.max_new_tokens, seq_len - max(len(p) for p, _ in chunk)))
         responses = generate_batch(model, [p for p, _ in chunk], pad_id=pad_id_of(tok), eos_id=tok.eos_token_id,
-                                   max_new_tokens=room)
+                                   max_new_tokens=room, vocab_size=vocab_size)
         for r, (_, want) in zip(responses, chunk):
             correct += parse_answer(tok.decode(r, skip_special_tokens=True), cfg.rationale.answer_prefix) == want
     counts = {"prompts": eval_table.num_rows, "matched": len(asked)}

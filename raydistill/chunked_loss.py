@@ -44,9 +44,11 @@ __all__ = ["CHUNK_LOGITS", "chunk_tokens_for", "use_fused", "fused_distill_loss"
 
 # Chunk size when none is given (train.loss_chunk_tokens: null): a chunk holds about CHUNK_LOGITS
 # logits, so its memory is the same at every vocabulary (about 7 float32 copies of it exist during a
-# chunk: 0.45 GiB at 2^24). bench/vocab_rows.py measured 3.4 MiB per chunk token at V = 128,256
-# (7 copies of a row) and no slower steps down to 64 tokens per chunk; README, "Large vocabularies".
-CHUNK_LOGITS = 2 ** 24
+# chunk: 0.22 GiB at 2^23; online, the teacher's chunk adds about as much). bench/vocab_rows.py
+# measured 3.4 MiB per chunk token at V = 128,256 and no slower steps down to 64 tokens per chunk;
+# 2^23 (65 tokens at 128k) gave a train-step peak 0.16x of full logits at 1.09x the speed
+# (README, "Large vocabularies").
+CHUNK_LOGITS = 2 ** 23
 MIN_CHUNK_TOKENS = 16
 
 

@@ -174,7 +174,7 @@ class TrainConfig:
     # LM head + loss chunk by chunk (raydistill.chunked_loss), no [tokens, V] logits; None: on when a
     # micro-batch's logits exceed one chunk (bench row 9: 0.3x the step's peak at V=128k, no slower).
     fused_loss: bool | None = None
-    loss_chunk_tokens: int | None = None  # tokens per chunk; None: about 2^24 logits per chunk
+    loss_chunk_tokens: int | None = None  # tokens per chunk; None: about 2^23 logits per chunk
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (long sequences)
     # ddp: a whole student per worker; fsdp: params, grads and AdamW state sharded over the workers
     # (torch FSDP2, raydistill.sharding) for students that do not fit one device with DDP.
@@ -428,7 +428,7 @@ _RULES: dict[str, tuple[Any, str, str]] = {
     "train.checkpoint_every": (*_ge(1), "checkpoint every N >= 1 steps"),
     "train.max_failures": (*_ge(-1), "use -1 to retry forever, 0 never, N for N retries"),
     "train.log_every": (*_ge(1), "log every N >= 1 steps"),
-    "train.loss_chunk_tokens": (*_ge(1), "use a positive token count, or null for about 2^24 logits per chunk"),
+    "train.loss_chunk_tokens": (*_ge(1), "use a positive token count, or null for about 2^23 logits per chunk"),
     "refresh.fraction": (*_in(0, 1), "use a fraction between 0 and 1"),
     "refresh.every_steps": (*_ge(1), "refresh every N >= 1 student steps"),
     "refresh.max_replicas": (*_ge(1), "allow at least one refresh teacher replica"),

@@ -151,7 +151,7 @@ def evaluate(student, teacher, input_ids: torch.LongTensor, *, batch_size: int =
     for the call (their previous train/eval mode is restored afterwards). loss_mask `[N, L]`
     (examples): only the positions j with loss_mask[:, j + 1] count, and "tokens" counts them;
     attention_mask `[N, L]` goes to the models (right padding). The figures are summed `chunk_tokens`
-    positions at a time (None: about 2^24 logits per chunk, `chunked_loss.chunk_tokens_for`), so eval
+    positions at a time (None: about 2^23 logits per chunk, `chunked_loss.chunk_tokens_for`), so eval
     memory does not grow with batch_size × L × V. vocab_width: W, the run's shared head width
     (module docstring, Widths; None: the narrower head of the two models).
 

@@ -149,8 +149,8 @@ def test_bf16_hidden_and_weight(fmt, loss):
 
 
 def test_auto_chunk_holds_a_fixed_number_of_logits():
-    assert chunk_tokens_for(128_256) == CHUNK_LOGITS // 128_256 == 130
-    assert chunk_tokens_for(262_144) == 64 and chunk_tokens_for(32_000) == 524
+    assert chunk_tokens_for(128_256) == CHUNK_LOGITS // 128_256 == 65
+    assert chunk_tokens_for(262_144) == 32 and chunk_tokens_for(32_000) == 262
     assert chunk_tokens_for(10 ** 9) == 16 and chunk_tokens_for(97, 5) == 5
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="loss_chunk_tokens"):
