@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .chunked_loss import RowLogProbs
 
-__all__ = ["evaluate", "eval_input_ids", "evaluate_students"]
+__all__ = ["evaluate", "eval_input_ids", "evaluate_students", "submit_evaluation"]
 
 
 def evaluate_students(cfg, store, student_dirs: dict, max_rows: int = 512) -> dict:
@@ -44,13 +44,21 @@ def evaluate_students(cfg, store, student_dirs: dict, max_rows: int = 512) -> di
     agreement, perplexity, "tokens")."""
     import ray
 
-    from .cluster import teacher_options
-
     manifest = store.manifest()
     if manifest["inputs"]["info"].get("eval_rows", 0) == 0:
         return {"note": "no held-out sequences (data.eval_fraction is 0 or the corpus is tiny)"}
+    return ray.get(submit_evaluation(cfg, store.uri, manifest["inputs"]["eval"], student_dirs, max_rows))
+
+
+def submit_evaluation(cfg, store_uri: str, eval_file: str, student_dirs: dict, max_rows: int = 512):
+    """The ObjectRef of `evaluate_students`'s figures on one held-out input file of the store (its
+    path in the manifest), against `cfg.teacher`, in a task placed like that teacher's replicas."""
+    import ray
+
+    from .cluster import teacher_options
+
     task = ray.remote(_evaluate_task).options(**teacher_options(cfg.teacher))
-    return ray.get(task.remote(cfg.to_dict(), student_dirs, (store.uri, manifest["inputs"]["eval"]), max_rows))
+    return task.remote(cfg.to_dict(), student_dirs, (store_uri, eval_file), max_rows)
 
 
 def _evaluate_task(cfg_dict: dict, student_dirs: dict, eval_uri: tuple, max_rows: int) -> dict:

@@ -527,8 +527,7 @@ def evaluate(cfg, store, student_dirs: dict, max_rows: int = 512) -> dict:
     `evaluate.evaluate_students`'s figures (in a task placed like that teacher's replicas)."""
     import ray
 
-    from .cluster import teacher_options
-    from .evaluate import _evaluate_task
+    from .evaluate import submit_evaluation
 
     inputs = store.manifest()["inputs"]
     groups = inputs["info"].get("groups") or {}
@@ -537,12 +536,11 @@ def evaluate(cfg, store, student_dirs: dict, max_rows: int = 512) -> dict:
     refs = {}
     for name in names(cfg):
         one = for_teacher(cfg, name)
-        task = ray.remote(_evaluate_task).options(**teacher_options(one.teacher))
         evals = {"all_rows": inputs["eval"]}
         if (groups.get(name) or {}).get("eval_rows"):
             evals["own_rows"] = groups[name]["eval"]
         for part, rel in evals.items():
-            refs[(name, part)] = task.remote(one.to_dict(), student_dirs, (store.uri, rel), max_rows)
+            refs[(name, part)] = submit_evaluation(one, store.uri, rel, student_dirs, max_rows)
     out: dict = {}
     for (name, part), ref in refs.items():
         out.setdefault(name, {})[part] = ray.get(ref)
