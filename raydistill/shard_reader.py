@@ -12,6 +12,7 @@ import there costs seconds per process on a small machine.
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from .errors import CorruptShardError
@@ -40,8 +41,6 @@ def epoch_slices(shard_rows: list[tuple[str, int]], world: int, seed: int, epoch
     rows in an order drawn from its own `row_seed`, so a corpus stored in source order (one domain
     or class, then the next) is not trained on in blocks, and a resumed epoch reads the same rows
     in the same order."""
-    import numpy as np
-
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(shard_rows))
     slices = rank_slices([shard_rows[i] for i in order], world)
@@ -68,8 +67,6 @@ def load_shards(batch: pa.Table, *, store_uri: str, what: str, schema: pa.Schema
         if item.get("start") is not None:
             table = table.slice(item["start"], item["stop"] - item["start"])
         if item.get("row_seed") is not None:
-            import numpy as np
-
             table = table.take(np.random.default_rng(item["row_seed"]).permutation(table.num_rows))
         tables.append(table.select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
