@@ -1,5 +1,7 @@
 """Autoscaling clusters: a submitted job waits for the nodes the autoscaler brings up, and a run no
-node type can ever hold is refused in seconds.
+node type can ever hold is refused in seconds. The jobs are what users run (`ray job submit` of
+jobs/distill.py with this repository as the working dir, to a real head on loopback): the finished
+one is checked end to end, its outputs, its entrypoint and its Prometheus metrics from every node.
 
 Unit tests (no Ray): the placement arithmetic of `raydistill.cluster` against `cluster.yaml`'s node
 types and `configs/llama3-8b-to-1b.yaml`, and how the head's autoscaling config is found.
@@ -15,6 +17,7 @@ them. Only this head's processes are ever stopped (by pid), never `ray stop`.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -27,8 +30,8 @@ import yaml
 
 from raydistill.cluster import HEAD_RESOURCE, _ever_fits, _monitor_config_path, _never, _read_autoscaling_config, needs
 from raydistill.config import Config
-from test_job import (BIN, ROOT, check_outputs, load_json, private_ray_env, ray_head, submit_distill, tail,
-                      tiny_assets, wait_job, write_config)
+from test_job import (BIN, ROOT, MetricsScraper, check_outputs, load_json, metrics_targets, private_ray_env,
+                      ray_head, submit_distill, tail, tiny_assets, wait_job, write_config)
 
 IDLE_TIMEOUT_MIN = 0.5  # short, so the test sees idle teacher nodes removed
 WAIT_S = 600            # run.resource_wait_s of the jobs: far above a fake node's launch (~5-30 s)
@@ -202,18 +205,36 @@ def test_resource_no_node_type_has_is_refused_in_seconds(fake_cluster):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_job_waits_for_autoscaled_nodes_and_they_go_when_idle(fake_cluster):
-    from ray.job_submission import JobStatus
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     head = fake_cluster["head"]
     assert active_nodes(ray_status(fake_cluster)).keys() <= {"ray.head.default"}  # no worker node yet
     name = f"autoscale-{uuid.uuid4().hex[:8]}"
     sub_id = f"raydistill-{name}"
-    submit_distill(head, fake_cluster["env"], sub_id, job_config(fake_cluster, name))
-    seen: list[dict[str, int]] = []
-    status, logs = wait_job(head, sub_id, timeout=1200,
-                            every=lambda _: seen.append(active_nodes(ray_status(fake_cluster))))
-    if status != JobStatus.SUCCEEDED:
-        pytest.fail(f"job {sub_id} ended {status}:\n{logs[-8000:]}\n--- head:\n{tail(head['log'])}")
+    config = job_config(fake_cluster, name)
+    # Prometheus, as a user's would: every node the head lists, the autoscaled ones included.
+    scraper = MetricsScraper(lambda: metrics_targets(head["temp"]))
+    scraper.start()
+    try:
+        submit_distill(head, fake_cluster["env"], sub_id, config)
+        seen: list[dict[str, int]] = []
+        status, logs = wait_job(head, sub_id, timeout=1200,
+                                every=lambda _: seen.append(active_nodes(ray_status(fake_cluster))))
+        if status != JobStatus.SUCCEEDED:
+            pytest.fail(f"job {sub_id} ended {status}:\n{logs[-8000:]}\n--- head:\n{tail(head['log'])}")
+        # Metrics recorded by the job's driver (teacher rows, on the head) and by the rank-0 train
+        # worker (loss, step, on a student node) reach Prometheus, tagged with the run's name.
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline and not (
+                scraper.find("ray_raydistill_teacher_rows", run=name)
+                and scraper.find("ray_raydistill_train_step", run=name)
+                and scraper.find("ray_raydistill_train_loss", run=name)):
+            time.sleep(1)
+    finally:
+        scraper.stop.set()
+        scraper.join(timeout=10)
+    info = JobSubmissionClient(head["dashboard"]).get_job_info(sub_id)
+    assert info.entrypoint.endswith(f"jobs/distill.py --config {config}")
     assert f"raydistill: run {name!r} finished" in logs
 
     # The log shows each phase's wait for the nodes the autoscaler was launching.
@@ -227,8 +248,20 @@ def test_job_waits_for_autoscaled_nodes_and_they_go_when_idle(fake_cluster):
 
     out = fake_cluster["root"] / name
     report = load_json(out / "report.json")
-    check_outputs(str(out), report, steps=6)
-    assert report["teacher_passes"][0]["rows"] == report["inputs"]["train_rows"]
+    assert report["run"]["name"] == name and report["run"]["output_dir"] == str(out)
+    manifest = check_outputs(str(out), report, steps=6)
+    train_rows = report["inputs"]["train_rows"]
+    assert all(e["current"] == 1 for e in manifest["shards"].values())
+    assert report["teacher_passes"][0]["rows"] == train_rows
+
+    assert scraper.scrapes > 0, f"no node's metrics endpoint answered ({metrics_targets(head['temp'])})"
+    assert scraper.find("ray_raydistill_teacher_rows", run=name, source="initial") == [float(train_rows)], \
+        scraper.samples
+    assert scraper.find("ray_raydistill_teacher_tokens", run=name, source="initial") == [float(train_rows * 16)]
+    assert max(scraper.find("ray_raydistill_train_step", run=name)) == 6, scraper.samples
+    loss = scraper.find("ray_raydistill_train_loss", run=name)
+    assert loss and all(math.isfinite(v) and v > 0 for v in loss)
+    assert scraper.find("ray_raydistill_train_tokens_per_s", run=name)
 
     # Nothing holds the nodes after the job (no standing request_resources): idle, they are removed.
     deadline = time.monotonic() + IDLE_TIMEOUT_MIN * 60 + 180

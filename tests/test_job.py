@@ -1,5 +1,6 @@
-"""The job users run, end to end, in real processes: `ray job submit` to a real head on loopback,
-and a driver killed with SIGKILL then started again.
+"""The job users run, in real processes: a driver killed with SIGKILL then started again, and the
+real `ray start --head` on loopback that test_autoscaling submits its jobs to (`ray_head`,
+`submit_distill`, `MetricsScraper`: one head for the job-submit scenarios, not one each).
 
 Process hygiene. This machine is shared with other people's Ray clusters running as the same
 user, so nothing here may use `ray stop` (it stops *every* local Ray process of the user) or kill
@@ -224,7 +225,7 @@ def check_outputs(out, report, *, steps: int) -> dict:
     return manifest
 
 
-# ---------------------------------------------------------------- 1. ray job submit to a real head
+# ---------------------------------------------------------------- a real head for `ray job submit` (test_autoscaling)
 
 @contextmanager
 def ray_head(env, marker, temp, logs_dir, *, num_cpus: int = 8, autoscaling: dict | None = None,
@@ -247,8 +248,7 @@ def ray_head(env, marker, temp, logs_dir, *, num_cpus: int = 8, autoscaling: dic
            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
            f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}",
            f"--object-manager-port={obj_mgr}", "--disable-usage-stats"]
-    head = {"dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
-            "gcs": f"127.0.0.1:{gcs}", "leftover": []}
+    head = {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "temp": temp, "leftover": []}
     if autoscaling is not None:
         config = dict(autoscaling, provider=dict(autoscaling["provider"], gcs_address=head["gcs"]))
         head["autoscaling_config"] = path = os.path.join(logs_dir, "autoscaling.json")
@@ -297,18 +297,29 @@ def ray_head(env, marker, temp, logs_dir, *, num_cpus: int = 8, autoscaling: dic
         head["leftover"] = describe(wait_gone(marker, 30))
 
 
-class MetricsScraper(threading.Thread):
-    """Scrapes the head's Prometheus endpoint every second and keeps every raydistill sample seen
-    (export is periodic, and a finished driver's series need not outlive it)."""
+def metrics_targets(temp: str) -> list[str]:
+    """Every node's Prometheus endpoint, from the service-discovery file the head writes into its
+    temp dir (what a user's Prometheus reads): the head's own and each worker node's."""
+    try:
+        with open(os.path.join(temp, "prom_metrics_service_discovery.json")) as f:
+            groups = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [f"http://{t}/metrics" for g in groups for t in g.get("targets", [])]
 
-    def __init__(self, url: str):
+
+class MetricsScraper(threading.Thread):
+    """Scrapes every node's Prometheus endpoint every second and keeps every raydistill sample seen
+    (export is periodic, and a finished driver's series need not outlive it, nor a removed node's)."""
+
+    def __init__(self, targets):
         super().__init__(daemon=True)
-        self.url, self.samples, self.scrapes = url, {}, 0
+        self.targets, self.samples, self.scrapes = targets, {}, 0
         self.stop = threading.Event()
 
-    def scrape(self) -> None:
+    def scrape(self, url: str) -> None:
         try:
-            with urllib.request.urlopen(self.url, timeout=5) as r:
+            with urllib.request.urlopen(url, timeout=5) as r:
                 text = r.read().decode()
         except OSError:
             return
@@ -320,7 +331,8 @@ class MetricsScraper(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            self.scrape()
+            for url in self.targets():
+                self.scrape(url)
             self.stop.wait(1.0)
 
     def find(self, name: str, **labels) -> list[float]:
@@ -372,62 +384,7 @@ def wait_job(head, sub_id: str, *, timeout: float, every=None):
     return status, client.get_job_logs(sub_id)
 
 
-@pytest.mark.timeout(1800)  # head start, upload, a full run and teardown on 2 busy cores (~6-12 min)
-def test_job_submit_on_loopback_head(tmp_path):
-    teacher, corpus = tiny_assets(tmp_path)
-    out = tmp_path / "out"
-    name = f"job-{uuid.uuid4().hex[:8]}"
-    steps = 6
-    config = write_config(tmp_path / "run.yaml", name=name, teacher=teacher, corpus=corpus,
-                          output_dir=out, max_steps=steps, checkpoint_every=3)
-    with private_ray_env() as (env, marker, temp), ray_head(env, marker, temp, str(tmp_path)) as head:
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        scraper = MetricsScraper(head["metrics"])
-        scraper.start()
-        try:
-            sub_id = f"raydistill-{name}"
-            submit_distill(head, env, sub_id, config)
-            status, logs = wait_job(head, sub_id, timeout=840)
-            if status != JobStatus.SUCCEEDED:
-                pytest.fail(f"job {sub_id} ended {status}:\n{logs[-8000:]}\n--- head:\n{tail(head['log'])}")
-            info = JobSubmissionClient(head["dashboard"]).get_job_info(sub_id)
-            assert info.entrypoint.endswith(f"jobs/distill.py --config {config}")
-            assert f"raydistill: run {name!r} finished" in logs
-
-            report = load_json(out / "report.json")
-            assert report["run"]["name"] == name and report["run"]["output_dir"] == str(out)
-            manifest = check_outputs(str(out), report, steps=steps)
-            train_rows = report["inputs"]["train_rows"]
-            assert all(e["current"] == 1 for e in manifest["shards"].values())
-            assert report["teacher_passes"][0]["rows"] == train_rows
-
-            # Prometheus: metrics recorded by the job's driver (teacher rows) and by the rank-0
-            # train worker (loss, step) reach the head's endpoint, tagged with the run's name.
-            deadline = time.monotonic() + 45
-            while time.monotonic() < deadline and not (
-                    scraper.find("ray_raydistill_teacher_rows", run=name)
-                    and scraper.find("ray_raydistill_train_step", run=name)
-                    and scraper.find("ray_raydistill_train_loss", run=name)):
-                time.sleep(1)
-        finally:
-            scraper.stop.set()
-            scraper.join(timeout=10)
-        assert scraper.scrapes > 0, f"{head['metrics']} never answered"
-        assert scraper.find("ray_raydistill_teacher_rows", run=name, source="initial") == [float(train_rows)], \
-            scraper.samples
-        assert scraper.find("ray_raydistill_teacher_tokens", run=name, source="initial") == [float(train_rows * 16)]
-        assert max(scraper.find("ray_raydistill_train_step", run=name)) == steps, scraper.samples
-        loss = scraper.find("ray_raydistill_train_loss", run=name)
-        assert loss and all(math.isfinite(v) and v > 0 for v in loss)
-        assert scraper.find("ray_raydistill_train_tokens_per_s", run=name)
-
-    # SIGTERM to `ray start --block` took the head and everything under it down by itself.
-    assert head["leftover"] == [], head["leftover"]
-    assert marked_pids(marker) == []
-
-
-# ---------------------------------------------------------------- 2. SIGKILL the driver, run it again
+# ---------------------------------------------------------------- SIGKILL the driver, run it again
 
 def snapshot_path(out, name) -> str:
     return os.path.join(out, "checkpoints", f"{name}-student", "checkpoint_manager_snapshot.json")
