@@ -1,14 +1,17 @@
-"""A whole node is lost mid-run, on a multi-node Ray cluster built on loopback (ray.cluster_utils).
+"""Placement on a heterogeneous cluster, and a whole node lost mid-run, on a multi-node Ray cluster
+built on loopback (ray.cluster_utils): a head with no CPUs, two nodes offering `teacher_node` and two
+offering `student_node`, all with free CPUs, so only the pinning keeps each role on its node type.
 
-  1. Teacher pass: two worker nodes offer `teacher_node`; the pass runs two replicas pinned with
-     `teacher.resources={teacher_node: 1}`. After the first shard lands, the node hosting a replica
-     is removed (its raylet and every process on it die). Ray Data restarts the replica on the
-     surviving node and retries its shard: the pass completes with exactly the expected rows,
-     every seq_id once, one version per shard.
-  2. Training: a 2-worker DDP fit on the nodes left plus a fresh one; once Ray Train has registered
-     the first checkpoint (checkpoint_manager_snapshot.json lists it), the node hosting a train
-     worker is removed. The worker group restarts on the nodes left (within `train.max_failures`)
-     from its last checkpoint and finishes at the exact step count.
+  1. Teacher pass: two replicas pinned with `teacher.resources={teacher_node: 1}`. After the first
+     shard lands, the node hosting a replica is removed (its raylet and every process on it die).
+     Ray Data restarts the replica on the surviving teacher node (never on a student node) and
+     retries its shard: the pass completes with exactly the expected rows, every seq_id once, one
+     version per shard.
+  2. Training: a 2-worker DDP fit pinned with `train.resources={student_node: 1}`; once Ray Train
+     has registered the first checkpoint (checkpoint_manager_snapshot.json lists it), the node
+     hosting a train worker is removed. The worker group restarts on the student node left (never
+     on the teacher node, within `train.max_failures`) from its last checkpoint and finishes at the
+     exact step count.
 
 The scenario runs in a child process (this file with --scenario): Cluster must not meet the
 session's own ray.init(), and a private RAY_TMPDIR keeps the `ray_current_cluster` file it writes
@@ -36,7 +39,7 @@ TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)  # run as a script too (the scenario)
 
-from ports import node_ports  # noqa: E402
+from ports import free_ports, node_ports  # noqa: E402
 
 
 # ---------------------------------------------------------------- the scenario (child process)
@@ -45,6 +48,15 @@ def actors(job: str, fragment: str) -> list[dict]:
     from ray._private.state import actors as actor_table   # GCS table: no dashboard needed
 
     return [a for a in actor_table().values() if a["JobID"] == job and fragment in a["ActorClassName"]]
+
+
+def requested(fragment: str) -> list[dict]:
+    """Class and requested resources of every actor of that class, alive or dead (state API)."""
+    from ray.util.state import list_actors
+
+    return [{"class_name": a.class_name, "required_resources": a.required_resources}
+            for a in list_actors(detail=True, limit=10000, raise_on_missing_output=False)
+            if fragment in (a.class_name or "")]
 
 
 def remove_when(cluster, nodes: dict, ready, job: str, fragment: str, log: dict, timeout: float = 600):
@@ -112,19 +124,24 @@ def scenario(args) -> None:
         "targets.format=sampled", "targets.samples=20", "targets.shard_rows=24",
         "teacher.replicas=2", "teacher.cpus_per_replica=0.5", "teacher.batch_size=16",
         "teacher.resources={teacher_node: 1}",
-        "train.workers=2", "train.cpus_per_worker=0.5", "train.batch_size=8", "train.epochs=1",
+        "train.workers=2", "train.cpus_per_worker=0.5", "train.resources={student_node: 1}",
+        "train.batch_size=8", "train.epochs=1",
         "train.max_steps=24", "train.checkpoint_every=4", "train.log_every=4", "train.max_failures=3",
         "train.warmup_steps=1", f"run.output_dir={out}", f"run.name=nodeloss-{os.getpid()}"])
     info = preflight(cfg)
     os.environ["RAYDISTILL_TEACHER_DELAY_S"] = "0.5"   # the pass lasts long enough to lose a node in it
 
     cluster = Cluster()
-    nodes: dict = {}
+    nodes: dict = {}      # the teacher nodes
+    students: dict = {}   # the student nodes
     try:
-        add_node(cluster, num_cpus=0, include_dashboard=False, object_store_memory=150 * 1024 * 1024)  # head
-        for _ in range(2):
-            n = add_node(cluster, num_cpus=2, resources={"teacher_node": 2})
-            nodes[n.node_id] = n
+        dash, = free_ports(1)  # the dashboard serves the state API (what each actor requested)
+        add_node(cluster, num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
+                 object_store_memory=150 * 1024 * 1024)  # head
+        for role, resource in ((nodes, "teacher_node"), (students, "student_node")):
+            for _ in range(2):
+                n = add_node(cluster, num_cpus=2, resources={resource: 2})
+                role[n.node_id] = n
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
@@ -133,6 +150,10 @@ def scenario(args) -> None:
         DataContext.get_current().enable_progress_bars = False
         job = ray.get_runtime_context().get_job_id()
         check_resources(cfg)
+        result["node_resources"] = {n["NodeID"]: {k: v for k, v in n["Resources"].items()
+                                                  if not k.startswith("node:")}
+                                    for n in ray.nodes() if n["Alive"]}
+        result["student_nodes"] = sorted(students)
         result["times"]["cluster_up"] = time.time()
         result["phase"] = "inputs"
         store = open_store(cfg, info)
@@ -158,25 +179,24 @@ def scenario(args) -> None:
                              "replicas": [{"node": a["Address"]["NodeID"], "state": a["State"],
                                            "restarts": a["NumRestarts"], "start": a["StartTime"] / 1000}
                                           for a in actors(job, "MapWorker")],
+                             "requested": requested("TeacherReplica"),
                              "alive_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])}
 
-        # ---- phase 2: lose a train node mid-fit (the survivor plus a fresh node are left)
+        # ---- phase 2: lose a student node mid-fit (the other student node and a teacher node are left)
         result["times"]["teacher"] = time.time()
         result["phase"] = "train"
-        fresh = add_node(cluster, num_cpus=2, resources={"teacher_node": 2})
-        nodes[fresh.node_id] = fresh
-        cluster.wait_for_nodes()
         snapshot = os.path.join(out, "checkpoints", f"{cfg.run.name}-student", "checkpoint_manager_snapshot.json")
         log2: dict = {}
-        t = threading.Thread(target=remove_when, args=(cluster, nodes, lambda: checkpoint_registered(snapshot), job,
-                                                       "RayTrainWorker", log2), daemon=True)
+        t = threading.Thread(target=remove_when, args=(cluster, students, lambda: checkpoint_registered(snapshot),
+                                                       job, "RayTrainWorker", log2), daemon=True)
         t.start()
         fit, total = fit_student(cfg, store, info.vocab_size)
         t.join(timeout=30)
         state = read_final_state(fit) if fit.error is None else {}
         result["train"] = {"error": None if fit.error is None else repr(fit.error), "total": total,
                            "step": state.get("step"), "resumed_from": state.get("resumed_from"),
-                           "log": log2, "nodes_left": sorted(nodes),
+                           "log": log2, "nodes_left": sorted(students),
+                           "requested": requested("RayTrainWorker"),
                            "workers": [{"node": a["Address"]["NodeID"], "state": a["State"],
                                         "restarts": a["NumRestarts"], "start": a["StartTime"] / 1000}
                                        for a in actors(job, "RayTrainWorker")]}
@@ -225,6 +245,13 @@ def node_loss(tmp_path_factory, tiny_dir, tiny_corpus):
 def test_teacher_work_moves_to_surviving_node(node_loss):
     root, r = node_loss
     assert r.get("phase") in ("train", "done"), (r.get("phase"), r["_stderr"])
+    res, students = r["node_resources"], r["student_nodes"]
+    heads = set(res) - set(r["teacher_nodes"]) - set(students)
+    assert len(heads) == 1 and not {"CPU", "teacher_node", "student_node"} & set(res[heads.pop()]), res
+    for n in r["teacher_nodes"]:
+        assert res[n].get("teacher_node") == 2 and "student_node" not in res[n], res
+    for n in students:
+        assert res[n].get("student_node") == 2 and "teacher_node" not in res[n], res
     t = r["teacher"]
     log = t["log"]
     assert "error" not in log and log.get("removed") in r["teacher_nodes"], log
@@ -233,7 +260,11 @@ def test_teacher_work_moves_to_surviving_node(node_loss):
     assert log["removed"] not in t["alive_nodes"] and survivor in t["alive_nodes"]
     assert t["committed_after_removal"] >= 1                      # the node was lost mid-pass
     # the lost replica was restarted (or replaced) on the survivor; none was left on the lost node
+    # (the student nodes' free CPUs never drew one: every replica asked for the teacher node's resource)
     assert t["replicas"] and all(a["node"] == survivor for a in t["replicas"]), t["replicas"]
+    assert t["requested"] and all(a["class_name"] == "MapWorker(MapBatches(TeacherReplica))" and
+                                  a["required_resources"].get("teacher_node") == 1 for a in t["requested"]), t
+
     assert any(a["restarts"] >= 1 or a["start"] > log["at"] for a in t["replicas"]), t["replicas"]
     # the pass completed exactly
     inputs = r["inputs"]
@@ -270,8 +301,14 @@ def test_training_resumes_on_nodes_left(node_loss):
     before = [w for w in tr["workers"] if w["start"] < log["at"]]
     after = [w for w in tr["workers"] if w["start"] > log["at"]]
     assert any(w["node"] == log["removed"] for w in before)       # a worker ran on the lost node
+    assert len(before) == 2 and all(w["node"] in r["student_nodes"] for w in before), tr["workers"]
+    # restarted on the student node left, not on the teacher node left (whose CPUs were free)
     assert len(after) >= 2 and all(w["node"] in tr["nodes_left"] for w in after), tr["workers"]
-    assert log["removed"] not in tr["nodes_left"]
+    assert log["removed"] not in tr["nodes_left"] and set(tr["nodes_left"]) < set(r["student_nodes"])
+    # each worker asked for the student node's resource (Ray Train wraps it in the worker group's
+    # placement group: `student_node_group_<pg id>`)
+    assert tr["requested"] and all(any(k == "student_node" or k.startswith("student_node_group_")
+                                       for k in a["required_resources"]) for a in tr["requested"]), tr["requested"]
 
 
 if __name__ == "__main__":
