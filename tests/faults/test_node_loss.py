@@ -132,13 +132,13 @@ def scenario(args) -> None:
     os.environ["RAYDISTILL_TEACHER_DELAY_S"] = "0.5"   # the pass lasts long enough to lose a node in it
 
     cluster = Cluster()
-    nodes: dict = {}      # the teacher nodes
-    students: dict = {}   # the student nodes
+    teachers: dict = {}   # the teacher nodes (removable)
+    students: dict = {}   # the student nodes (removable)
     try:
         dash, = free_ports(1)  # the dashboard serves the state API (what each actor requested)
         add_node(cluster, num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
                  object_store_memory=150 * 1024 * 1024)  # head
-        for role, resource in ((nodes, "teacher_node"), (students, "student_node")):
+        for role, resource in ((teachers, "teacher_node"), (students, "student_node")):
             for _ in range(2):
                 n = add_node(cluster, num_cpus=2, resources={resource: 2})
                 role[n.node_id] = n
@@ -162,11 +162,11 @@ def scenario(args) -> None:
 
         # ---- phase 1: lose a teacher node mid-pass
         result["phase"] = "teacher"
-        result["teacher_nodes"] = sorted(nodes)
+        result["teacher_nodes"] = sorted(teachers)
         committed: list[str] = []
         commit_times: list[float] = []
         log1: dict = {}
-        t = threading.Thread(target=remove_when, args=(cluster, nodes, lambda: bool(committed), job,
+        t = threading.Thread(target=remove_when, args=(cluster, teachers, lambda: bool(committed), job,
                                                        "MapWorker", log1), daemon=True)
         t.start()
         stats = run_teacher_pass(cfg, store, store.shard_ids(), vocab_size=info.vocab_size,
