@@ -22,8 +22,10 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python jobs/distill.py
 
+# Two workers, a file each at a time, longest files first (tests/conftest.py:SLOWEST_FIRST): a serial run
+# leaves a core idle while tests wait on Ray.
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=40 tests
+	$(BIN)/python -m pytest -q -ra --durations=40 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench-quick: setup
 	$(BIN)/python bench/run.py --quick

@@ -57,3 +57,34 @@ def tiny_dir(tmp_path_factory):
 def tiny_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     return tiny.write_corpus(str(root / "corpus.parquet"), tiny.corpus_texts(200))
+
+
+# The suite runs on two pytest-xdist workers (Makefile: -n 2 --dist loadfile --no-loadscope-reorder): a file
+# is one unit of work, handed out in this order, so the longest files start first and the short ones fill
+# in behind them. Files that mostly wait (on a teacher delay, an autoscaler, a node's death, a Ray start)
+# alternate with files that keep the CPU busy, so one worker's wait is the other's CPU time. Per-file
+# wall times of a serial run on a quiet 2-core machine (--durations, 2026-12-03); unlisted files (seconds
+# each) follow in collection order.
+SLOWEST_FIRST = [
+    "test_refresh_ray.py",       # 302 s, waits: bounded training runs beside a delayed refresh teacher
+    "test_rationale_e2e.py",     # 119 s, busy: trains a teacher in the test, then two pipeline runs
+    "test_autoscaling.py",       # 126 s, waits: own fake autoscaling cluster, nodes launched and removed
+    "test_classification.py",    # 108 s, busy
+    "test_job.py",               # 84 s, waits: own head, driver SIGKILL and rerun
+    "test_train.py",             # 108 s, busy
+    "test_node_loss.py",         # 92 s, waits: own multi-node cluster in a child process
+    "test_teachers_e2e.py",      # 63 s
+    "test_generate.py",          # 60 s
+    "test_teachers.py",          # 56 s
+    "test_fsdp.py",              # 53 s
+    "test_teacher_faults.py",    # 49 s
+    "test_corrupt_shard.py",     # 38 s
+    "test_instruct.py",          # 33 s
+    "test_vocab_width.py",       # 31 s
+    "test_teacher_pass.py",      # 20 s
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
