@@ -63,7 +63,7 @@ def tiny_corpus(tmp_path_factory):
 # is one unit of work, handed out in this order, so the longest files start first and the short ones fill
 # in behind them. Per-file wall times of a serial run on a quiet 2-core machine (--durations, 2026-12-03),
 # slowest first; unlisted files (seconds each) follow in collection order. (Alternating waiting and busy
-# files instead measured no better: 1,099 s against 1,003 s and 1,000 s for this order, single runs.)
+# files instead made no difference: 1,099 s against 1,094 s for this order, fresh-clone .ci/run, single runs.)
 SLOWEST_FIRST = [
     "test_refresh_ray.py",       # 302 s: three bounded training runs beside a delayed refresh teacher
     "test_autoscaling.py",       # 126 s: own fake autoscaling cluster (runs beside the session's Ray)
