@@ -3,7 +3,7 @@
     python bench/cpu_by_process.py -- .venv/bin/python -m pytest -q tests/test_train.py
 
 Ray renames its workers (`ray::IDLE`, then `ray::RayTrainWorker`, ...), so a process is keyed by pid and start
-time and named by the titles it had; CPU is counted from the first sample, so processes that ran before the
+time and named by the last title it had; CPU is counted from the first sample, so processes that ran before the
 command only add what they used during it. A process that lives under 0.5 s may be missed (an undercount).
 Linux only. Used to find what a test suite that keeps both cores busy spends them on.
 """
@@ -36,10 +36,9 @@ def sample(seen: dict, base: dict, first: bool) -> None:
             name = " ".join(a.decode(errors="replace").rsplit("/", 1)[-1] for a in argv[:2])[:50]
         if first:
             base[key] = cpu
-        titles = seen.get(key, (0.0, []))[1]
-        if not titles or (titles[-1] != name and not name.startswith("[")):
-            titles = titles + [name]
-        seen[key] = (cpu - base.get(key, 0.0), titles)
+        if name.startswith("[") and key in seen:
+            name = seen[key][1]  # an exited process keeps the title it last had
+        seen[key] = (cpu - base.get(key, 0.0), name)
 
 
 def main(argv: list[str]) -> int:
@@ -56,9 +55,9 @@ def main(argv: list[str]) -> int:
         sample(seen, base, first=False)
     wall = time.monotonic() - start
     kinds: dict = collections.defaultdict(lambda: [0.0, 0])
-    for cpu, titles in seen.values():
+    for cpu, name in seen.values():
         if cpu > 0:
-            kind = kinds[titles[-1].split(".")[0] if titles[-1].startswith("ray::") else titles[-1]]
+            kind = kinds[name.split(".")[0] if name.startswith("ray::") else name]  # ray::Actor.method -> actor
             kind[0] += cpu
             kind[1] += 1
     total = sum(c for c, _ in kinds.values())
