@@ -123,6 +123,7 @@ def private_ray_env(prefix: str = "rdtest-"):
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # as in conftest: no test sends a node-drain notice
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",

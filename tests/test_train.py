@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ pytestmark = pytest.mark.slow
 
 
 def train_cfg(tmp_path, tiny_dir, corpus, **over):
-    base = dict(train__workers=2, train__cpus_per_worker=0.5, train__batch_size=16, train__epochs=2,
-                train__lr=3e-3, train__warmup_steps=2, train__log_every=1, train__checkpoint_every=4,
+    # One teacher replica: these stores are a few shards, and the pool itself is tested in test_teacher_pass.
+    base = dict(teacher__replicas=1, train__workers=2, train__cpus_per_worker=0.5, train__batch_size=16,
+                train__epochs=2, train__lr=3e-3, train__warmup_steps=2, train__log_every=1, train__checkpoint_every=4,
                 train__alpha=0.5, run__name=f"t{os.getpid()}-{tmp_path.name}")
     base.update(over)
     return make_cfg(tmp_path, tiny_dir, corpus, fmt="sampled", **base)
@@ -35,11 +37,27 @@ def prepared_store(cfg):
     return info, store
 
 
-def test_ddp_two_workers_disjoint_data_and_export(ray_session, tmp_path, tiny_dir, tiny_corpus, monkeypatch):
+def copied_store(base_uri: str, cfg):
+    """(info, store) for `cfg` over a copy of the store at `base_uri` (the same data, teacher and targets
+    settings): its inputs and initial pass are found, nothing is built or scored again."""
+    shutil.copytree(base_uri, cfg.store_uri)
+    info, store = prepared_store(cfg)
+    assert all(store.current(s)["version"] == 1 for s in store.shard_ids())
+    return info, store
+
+
+@pytest.fixture(scope="module")
+def base_store(ray_session, tmp_path_factory, tiny_dir, tiny_corpus):
+    """Inputs and the teacher pass, built once for this module; each test trains on a copy."""
+    _, store = prepared_store(train_cfg(tmp_path_factory.mktemp("train-base"), tiny_dir, tiny_corpus))
+    return store.uri
+
+
+def test_ddp_two_workers_disjoint_data_and_export(base_store, tmp_path, tiny_dir, tiny_corpus, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     cfg = train_cfg(tmp_path, tiny_dir, tiny_corpus)
-    info, store = prepared_store(cfg)
+    info, store = copied_store(base_store, cfg)
     audit = tmp_path / "audit"
     monkeypatch.setenv("RAYDISTILL_AUDIT_DIR", str(audit))
     result, total = fit_student(cfg, store, info.vocab_size)
@@ -73,9 +91,9 @@ def test_ddp_two_workers_disjoint_data_and_export(ray_session, tmp_path, tiny_di
         assert not torch.allclose(exported(input_ids=x).logits, untrained(input_ids=x).logits, atol=1e-3)
 
 
-def test_worker_killed_resumes_from_checkpoint(ray_session, tmp_path, tiny_dir, tiny_corpus, monkeypatch):
+def test_worker_killed_resumes_from_checkpoint(base_store, tmp_path, tiny_dir, tiny_corpus, monkeypatch):
     cfg = train_cfg(tmp_path, tiny_dir, tiny_corpus, train__max_failures=2, train__epochs=1)
-    info, store = prepared_store(cfg)
+    info, store = copied_store(base_store, cfg)
     marker = tmp_path / "killed"
     monkeypatch.setenv("RAYDISTILL_KILL_AT_STEP", "6")
     monkeypatch.setenv("RAYDISTILL_KILL_RANK", "1")
@@ -121,7 +139,7 @@ def plain_loop_losses(cfg, store, order: np.ndarray, total: int) -> list[float]:
     return losses
 
 
-def test_trainer_matches_a_plain_loop_and_resume_names_changed_settings(ray_session, tmp_path, tiny_dir,
+def test_trainer_matches_a_plain_loop_and_resume_names_changed_settings(base_store, tmp_path, tiny_dir,
                                                                         tiny_corpus, monkeypatch):
     """The staged trainer's losses equal a plain torch loop's over the same rows in the same order
     (from the seq_id audit). Then a re-run of the same run name resumes from its checkpoint; the
@@ -129,7 +147,7 @@ def test_trainer_matches_a_plain_loop_and_resume_names_changed_settings(ray_sess
     recorded in state.json."""
     cfg = train_cfg(tmp_path, tiny_dir, tiny_corpus, train__workers=1, train__epochs=1, train__max_steps=2,
                     train__checkpoint_every=2)
-    info, store = prepared_store(cfg)
+    info, store = copied_store(base_store, cfg)
     audit = tmp_path / "audit"
     monkeypatch.setenv("RAYDISTILL_AUDIT_DIR", str(audit))
     first, total = fit_student(cfg, store, info.vocab_size)
