@@ -277,7 +277,7 @@ def example_runs(ray_session, tmp_path_factory, tiny_dir):
     for loss_on in ("response", "all"):
         cfg = _cfg(root / loss_on, tiny_dir, corpus, "data.format=prompt_response", f"data.loss_on={loss_on}",
                    "data.eval_fraction=0.1", "targets.format=sampled", "targets.samples=50",
-                   "targets.shard_rows=40", "teacher.replicas=2", "teacher.cpus_per_replica=0.5",
+                   "targets.shard_rows=40", "teacher.replicas=1", "teacher.cpus_per_replica=0.5",
                    "teacher.batch_size=16", "train.workers=1", "train.cpus_per_worker=0.5", "train.batch_size=8",
                    "train.max_steps=3", "train.log_every=1", "train.checkpoint_every=3", "train.alpha=0.5",
                    f"run.name=instruct{os.getpid()}-{loss_on}")

@@ -101,7 +101,7 @@ def test_loader_skips_damaged_shards(tmp_path):
 @pytest.mark.slow
 def test_damaged_shards_never_trained_on_and_rescored(ray_session, tmp_path, tiny_dir, tiny_corpus,
                                                       monkeypatch, capsys):
-    cfg = make_cfg(tmp_path, tiny_dir, tiny_corpus, fmt="sampled", targets__shard_rows=32,
+    cfg = make_cfg(tmp_path, tiny_dir, tiny_corpus, fmt="sampled", targets__shard_rows=32, teacher__replicas=1,
                    train__workers=2, train__cpus_per_worker=0.5, train__batch_size=8, train__epochs=1,
                    train__checkpoint_every=100, train__log_every=5, train__warmup_steps=1,
                    run__name=f"corrupt-{os.getpid()}-{tmp_path.name}")
