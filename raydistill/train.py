@@ -480,10 +480,10 @@ def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: f
 
     `refresh`: how rank 0 reaches the refresh scheduler (`refresh.fit_kwargs`; None: no refresh)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from .cluster import output_dir
     from .tasks import get_task
+    from .torch_trainer import DistillTrainer
 
     alpha = cfg.train.alpha if alpha is None else alpha
     inputs = store.manifest()["inputs"]["shards"]
@@ -501,7 +501,7 @@ def fit_student(cfg, store, vocab_size: int, *, label: str = "student", alpha: f
     resources = {"CPU": t.cpus_per_worker, **t.resources}
     if t.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = DistillTrainer(
         train_loop,
         train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),

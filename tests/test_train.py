@@ -62,6 +62,11 @@ def test_ddp_two_workers_disjoint_data_and_export(base_store, tmp_path, tiny_dir
     monkeypatch.setenv("RAYDISTILL_AUDIT_DIR", str(audit))
     result, total = fit_student(cfg, store, info.vocab_size)
     assert result.error is None
+    # Ray Train's own actors ran, but no DatasetManager: our workers read the store themselves
+    # (raydistill.torch_trainer); every fit of this session so far ran on the same trainer class.
+    import ray._private.state
+    classes = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= classes and "DatasetManager" not in classes, classes
     state = read_final_state(result)
     rows = sum(s["rows"] for s in store.manifest()["inputs"]["shards"].values())
     assert total == (rows // 2 // 16) * 2 and state["step"] == total
