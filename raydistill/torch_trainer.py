@@ -2,7 +2,7 @@
 
 Ray Train 2.60 starts a DatasetManager actor per worker group whether or not `datasets=` is given. Our
 workers read the store themselves (`shard_reader`), so for us it is an idle process per fit and per
-restart (~1.5 s of CPU each on 2 cores, bench/cpu_by_process.py). With datasets given, nothing changes.
+restart (1.4 s of CPU each in the test suite, bench/cpu_by_process.py). With datasets given, nothing changes.
 Ray Train is pinned to 2.60.* (pyproject), whose callback list this relies on.
 """
 from __future__ import annotations

@@ -68,7 +68,7 @@ def tiny_corpus(tmp_path_factory):
 # slowest first; unlisted files (seconds each) follow in collection order. (Alternating waiting and busy
 # files instead made no difference: 1,099 s against 1,094 s for this order, fresh-clone .ci/run, single runs.)
 SLOWEST_FIRST = [
-    "test_refresh_ray.py",       # 302 s: bounded training runs beside a delayed refresh teacher (three then, two now)
+    "test_refresh_ray.py",       # 302 s: bounded training runs beside a delayed refresh teacher (3 then, 2 now)
     "test_autoscaling.py",       # 126 s: own fake autoscaling cluster (runs beside the session's Ray)
     "test_rationale_e2e.py",     # 119 s: trains a teacher in the test, then two pipeline runs
     "test_train.py",             # 108 s

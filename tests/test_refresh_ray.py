@@ -280,8 +280,8 @@ def test_training_waits_rather_than_read_past_max_age_with_the_scheduler_and_a_r
 
 
 @pytest.mark.slow
-def test_with_warn_the_same_run_reads_past_max_age(ray_session, base_store, tmp_path, tiny_dir, tiny_corpus,
-                                                   monkeypatch):
+def test_with_warn_the_same_slow_passes_let_training_read_past_max_age(ray_session, base_store, tmp_path,
+                                                                        tiny_dir, tiny_corpus, monkeypatch):
     st, ages, total, lines = run_bounded(base_store, tmp_path, tiny_dir, tiny_corpus, monkeypatch, enforce="warn")
     assert sorted(ages) == list(range(1, total + 1))
     assert max(ages.values()) > 20 and st["max_age_seen"] > 20          # the passes did not keep up...

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 def train_cfg(tmp_path, tiny_dir, corpus, **over):
     # One teacher replica: these stores are a few shards, and the pool itself is tested in test_teacher_pass.
     base = dict(teacher__replicas=1, train__workers=2, train__cpus_per_worker=0.5, train__batch_size=16,
-                train__epochs=2, train__lr=3e-3, train__warmup_steps=2, train__log_every=1, train__checkpoint_every=4,
-                train__alpha=0.5, run__name=f"t{os.getpid()}-{tmp_path.name}")
+                train__epochs=2, train__lr=3e-3, train__warmup_steps=2, train__log_every=1,
+                train__checkpoint_every=4, train__alpha=0.5, run__name=f"t{os.getpid()}-{tmp_path.name}")
     base.update(over)
     return make_cfg(tmp_path, tiny_dir, corpus, fmt="sampled", **base)
 
